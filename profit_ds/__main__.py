@@ -1,0 +1,3 @@
+from profit_ds.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Tasks, instruction formatting and federated partitions."""
