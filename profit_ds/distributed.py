@@ -1,0 +1,87 @@
+"""Process-group setup and the few collectives profit-ds uses, in one place (DESIGN.md point 4).
+
+SPMD: every rank runs the same loop with the same seeds and holds identical prompt states; each
+owns a slice of every batch; prompt gradients are summed with one all_reduce per step; rank 0
+alone prints and writes. A single process needs no launcher: we fill in the environment a
+launcher would set.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup() -> None:
+    """Initialize the process group once (gloo on CPU, nccl on GPU), launcher or not."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def my_slice(n: int) -> slice:
+    """This rank's contiguous share of `n` rows (ranks differ by at most one row)."""
+    r, w = rank(), world()
+    return slice(r * n // w, (r + 1) * n // w)
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum tensors over ranks in place, flattened into one collective."""
+    if world() == 1:
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def gather_lists(items: list) -> list:
+    """Concatenate per-rank lists in rank order (ranks own contiguous slices)."""
+    if world() == 1:
+        return items
+    out: list = [None] * world()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()

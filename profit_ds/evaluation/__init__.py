@@ -1,0 +1,1 @@
+"""Scoring (ROUGE-L, exact match) and batched generation."""

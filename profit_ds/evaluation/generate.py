@@ -1,0 +1,81 @@
+"""Batched greedy generation with per-row soft prompts (DESIGN.md point 5).
+
+Rows of many (prompt, example) pairs share each `generate` call: row r is left-padded, then its
+prompt `bank[k_r]`, then its source tokens, so every row's prompt sits right before its text,
+as in training. transformers' `generate` does greedy decoding with the KV cache and derives
+position ids from the attention mask. Under ZeRO-3 with several ranks each rank generates its
+slice of every batch with `synced_gpus=True`, so all ranks keep joining the parameter
+all-gathers until the slowest row is done.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from profit_ds import distributed
+from profit_ds.evaluation.rouge import score_predictions
+from profit_ds.fl.clients import EvalSet
+from profit_ds.model.backbone import Backbone
+from profit_ds.model.prompted import Encoded
+
+
+def _left_padded_inputs(backbone: Backbone, bank: torch.Tensor,
+                        jobs: Sequence[tuple[int, Encoded]]) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = backbone.tokenizer.pad_token_id
+    num_prompt = bank.shape[1]
+    length = max(len(e.source) for _, e in jobs)
+    ids = torch.full((len(jobs), length), pad, dtype=torch.long)
+    for r, (_, e) in enumerate(jobs):
+        ids[r, length - len(e.source):] = torch.tensor(e.source)
+    token_embeds = backbone.model.get_input_embeddings()(ids)
+    embeds = token_embeds.new_zeros(len(jobs), num_prompt + length, token_embeds.shape[-1])
+    mask = torch.zeros(len(jobs), num_prompt + length, dtype=torch.long)
+    for r, (k, e) in enumerate(jobs):
+        n_pad = length - len(e.source)
+        embeds[r, n_pad: n_pad + num_prompt] = bank[k].to(embeds.dtype)
+        embeds[r, n_pad + num_prompt:] = token_embeds[r, n_pad:]
+        mask[r, n_pad:] = 1
+    return embeds, mask
+
+
+@torch.no_grad()
+def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, Encoded]],
+             max_new_tokens: int, batch_rows: int,
+             advance: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy continuations (decoded, stripped) for `jobs` = (bank index, encoded example)."""
+    tok = backbone.tokenizer
+    world = distributed.world()
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1].source))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    texts: list[str] = [""] * len(jobs)
+    step = batch_rows * world
+    for start in range(0, len(order), step):
+        idx = order[start: start + step]
+        mine = idx[distributed.my_slice(len(idx))]
+        # an idle rank still generates (one dummy row) to stay in lock-step under ZeRO-3
+        batch = [jobs[i] for i in mine] or [jobs[idx[0]]]
+        embeds, mask = _left_padded_inputs(backbone, bank, batch)
+        out = backbone.model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                      generation_config=config, synced_gpus=world > 1)
+        decoded = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        for i, text in zip(idx, distributed.gather_lists(decoded[: len(mine)])):
+            texts[i] = text
+        if advance:
+            advance(len(idx))
+    return texts
+
+
+def evaluate(backbone: Backbone, bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]],
+             max_new_tokens: int, batch_rows: int,
+             advance: Callable[[int], None] | None = None) -> list[dict]:
+    """Score prompt `bank[k]` on each requested set; all requests share generation batches."""
+    jobs = [(k, e) for k, s in requests for e in s.encoded]
+    texts = generate(backbone, bank, jobs, max_new_tokens, batch_rows, advance)
+    results, start = [], 0
+    for _, s in requests:
+        results.append(score_predictions(texts[start: start + len(s)], s.references))
+        start += len(s)
+    return results

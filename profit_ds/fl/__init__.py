@@ -1,0 +1,1 @@
+"""Federated algorithms as explicit state + update functions (FedAvg, FedSGD, personalization)."""

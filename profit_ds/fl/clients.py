@@ -1,0 +1,76 @@
+"""Clients as the trainer sees them: tokenized once, with their own deterministic batch order.
+
+A client's local batches depend only on (seed, round, client name, epoch): never on which other
+clients share its step or on the number of ranks, so results do not depend on
+`--clients-in-parallel` or `--num-procs`.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from profit_ds.data.types import Client, Example, Partition
+from profit_ds.model.prompted import Encoded, encode
+
+
+@dataclass
+class EvalSet:
+    """Examples to generate for and score: encoded sources with their references."""
+
+    encoded: list[Encoded]
+    references: list[tuple[str, ...]]
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+@dataclass
+class ClientData:
+    name: str
+    split: str
+    train: list[Encoded]
+    test: EvalSet
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train)
+
+
+@dataclass
+class FederatedData:
+    train_clients: list[ClientData]
+    validation_clients: list[ClientData]
+    test_clients: list[ClientData]
+    global_test: EvalSet
+    global_validation: EvalSet
+
+
+def _eval_set(tokenizer, examples: list[Example], max_source: int | None) -> EvalSet:
+    return EvalSet(encode(tokenizer, examples, max_source), [e.references for e in examples],
+                   [e.id for e in examples])
+
+
+def encode_partition(tokenizer, partition: Partition, max_source_tokens: int | None = None,
+                     max_target_tokens: int | None = None) -> FederatedData:
+    """Tokenize every client's examples once, up front."""
+    def client(c: Client) -> ClientData:
+        return ClientData(c.name, c.split,
+                          encode(tokenizer, c.train, max_source_tokens, max_target_tokens),
+                          _eval_set(tokenizer, c.test, max_source_tokens))
+    return FederatedData(
+        train_clients=[client(c) for c in partition.train_clients],
+        validation_clients=[client(c) for c in partition.validation_clients],
+        test_clients=[client(c) for c in partition.test_clients],
+        global_test=_eval_set(tokenizer, partition.global_test, max_source_tokens),
+        global_validation=_eval_set(tokenizer, partition.global_validation, max_source_tokens))
+
+
+def local_batches(num_examples: int, epochs: int, batch_size: int, key: str) -> list[list[int]]:
+    """Example indices of every local step: `epochs` shuffled passes in batches of `batch_size`."""
+    steps = []
+    for epoch in range(epochs):
+        order = list(range(num_examples))
+        random.Random(f"{key}/epoch{epoch}").shuffle(order)
+        steps += [order[i: i + batch_size] for i in range(0, num_examples, batch_size)]
+    return steps

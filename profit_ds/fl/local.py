@@ -1,0 +1,39 @@
+"""Local training of a bank of prompts: K clients step together, each on its own batches.
+
+Shared by FedAvg's client update and by personalization: both are "each client runs SGD/Adam
+on its own data, starting from the global prompt". Clients with fewer steps than others are
+masked out once they are done, so each follows exactly the trajectory it would follow alone.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from profit_ds.fl.gradients import mean_loss_gradients
+from profit_ds.fl.optim import ClientOptimizer, ClientOptState, client_step
+from profit_ds.model.backbone import Backbone
+from profit_ds.model.prompted import Encoded
+
+Schedule = Sequence[Sequence[Encoded]]  # one client's local steps, each a batch of examples
+
+
+def run_local_steps(backbone: Backbone, bank: torch.Tensor, opt: ClientOptimizer,
+                    state: ClientOptState, lr: torch.Tensor, schedules: Sequence[Schedule],
+                    rows_per_forward: int | None = None,
+                    after_step: Callable[[], None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every client's schedule; returns the new bank and each client's mean training loss
+    over its steps (`[K]`)."""
+    k = bank.shape[0]
+    loss_total = torch.zeros(k)
+    for t in range(max((len(s) for s in schedules), default=0)):
+        active = torch.tensor([t < len(s) for s in schedules])
+        rows = [(c, e) for c, s in enumerate(schedules) if t < len(s) for e in s[t]]
+        grads, losses = mean_loss_gradients(backbone, bank, rows, rows_per_forward or len(rows))
+        bank = client_step(opt, bank, grads, state, active, lr)
+        loss_total += torch.where(active, losses, torch.zeros_like(losses))
+        if after_step:
+            after_step()
+    steps = torch.tensor([max(len(s), 1) for s in schedules], dtype=torch.float32)
+    return bank, loss_total / steps

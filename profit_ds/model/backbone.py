@@ -1,0 +1,118 @@
+"""Load a causal LM once, freeze it, and hand it to DeepSpeed ZeRO-3 with no optimizer.
+
+DeepSpeed partitions the frozen weights across ranks and gathers each layer on the fly in
+forward and backward (DESIGN.md point 1). The config is registered with `HfDeepSpeedConfig`
+*before* `from_pretrained`, so transformers builds the model inside `deepspeed.zero.Init`:
+a 7B backbone is partitioned while loading, never materialized whole on one rank.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from profit_ds import distributed
+from profit_ds.errors import UsageError
+from profit_ds.model.builtin import BUILTIN_DIR, BUILTIN_NAMES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Backbone:
+    """The frozen, sharded model (hooks installed by DeepSpeed) and its tokenizer."""
+
+    model: torch.nn.Module
+    engine: object
+    tokenizer: object
+    name: str
+    dtype: torch.dtype
+    hf_ds_config: object = None  # keeps transformers' ZeRO-3 awareness (synced generation) alive
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def resident_parameter_bytes(self) -> int:
+        """Bytes of backbone parameters this rank holds between forwards (its ZeRO-3 shard)."""
+        return sum(p.ds_tensor.numel() * p.ds_tensor.element_size()
+                   if hasattr(p, "ds_tensor") else p.numel() * p.element_size()
+                   for p in self.model.parameters())
+
+
+def resolve_path(name: str) -> str:
+    """The built-in name, a local directory, or an HF hub id (aliases resolve before this)."""
+    if name in BUILTIN_NAMES:
+        return str(BUILTIN_DIR)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {name}: directory has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise UsageError(f"--model {name}: no such directory")
+    return name
+
+
+def zero3_config(dtype: str, base: dict | None = None) -> dict:
+    """A ZeRO-3 inference-style config: no optimizer, every parameter partitioned."""
+    config = copy.deepcopy(base) if base else {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    config.setdefault("train_micro_batch_size_per_gpu", 1)
+    config.setdefault("gradient_accumulation_steps", 1)
+    config.pop("train_batch_size", None)
+    config["bf16"] = {"enabled": dtype == "bf16"}
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    return config
+
+
+def load_backbone(name: str, dtype: str = "fp32", ds_config: dict | None = None,
+                  trust_remote_code: bool = False) -> Backbone:
+    """Load, freeze and shard the backbone; same call on every rank."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    distributed.setup()
+    path = resolve_path(name)
+    config = zero3_config(dtype, ds_config)
+    hf_ds_config = HfDeepSpeedConfig(config)  # from_pretrained now builds inside zero.Init
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UsageError(f"--model {name}: cannot load ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    engine = deepspeed.initialize(model=model, config=config)[0]
+    engine.eval()
+    return Backbone(model=engine.module, engine=engine, tokenizer=tokenizer, name=name,
+                    dtype=DTYPES[dtype], hf_ds_config=hf_ds_config)
+
+
+def init_prompt(backbone: Backbone, num_tokens: int, mode: str, seed: int) -> torch.Tensor:
+    """The initial soft prompt `[P, D]` in fp32 (the master copy; the backbone may be bf16).
+
+    "vocab": embeddings of P tokens sampled from the vocabulary (special tokens excluded), as
+    Lester et al. found works best; "random": Gaussian with the embedding matrix's std.
+    Every rank gathers the (possibly partitioned) embedding and draws the same tokens.
+    """
+    import deepspeed
+
+    weight = backbone.model.get_input_embeddings().weight
+    with deepspeed.zero.GatheredParameters([weight]):
+        table = weight.detach().float().cpu().clone()
+    gen = torch.Generator().manual_seed(seed)
+    if mode == "random":
+        return torch.randn(num_tokens, table.shape[1], generator=gen) * table.std()
+    special = set(backbone.tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(table.shape[0]) if i not in special])
+    picks = ordinary[torch.randint(len(ordinary), (num_tokens,), generator=gen)]
+    return table[picks].clone()

@@ -1,0 +1,111 @@
+"""Running the frozen backbone with per-row soft prompts (DESIGN.md points 2-3).
+
+A batch mixes rows of several clients. Row `r` reads the prompt `prompts[row_client[r]]`
+(a gather from the `[K, P, D]` prompt bank), prepended to its token embeddings. The loss is the
+sum over clients of each client's mean token loss, so the gradient that reaches `prompts[k]` is
+exactly client k's own mean-loss gradient, whatever else shares the batch.
+
+LM-head logits are computed only at positions that predict a label token: with long sources
+and short outputs (SNI), that is a small fraction of positions, and for a 32k-vocabulary
+backbone the full logits tensor would dominate memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from profit_ds.data.types import Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example: the source (ending in the output cue) and the target + EOS."""
+
+    source: tuple[int, ...]
+    target: tuple[int, ...]
+
+
+def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int | None = None,
+           max_target_tokens: int | None = None) -> list[Encoded]:
+    """Tokenize sources and targets separately, so the loss mask is exact.
+
+    Sources are truncated from the left (the instance input and the output cue, at the end,
+    matter most), targets from the right; EOS is always kept so the model learns to stop.
+    """
+    sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([" " + e.target for e in examples], add_special_tokens=False)["input_ids"]
+    out = []
+    for s, t in zip(sources, targets):
+        if max_source_tokens is not None:
+            s = s[-max_source_tokens:]
+        if max_target_tokens is not None:
+            t = t[:max_target_tokens]
+        out.append(Encoded(tuple(s), tuple(t) + (tokenizer.eos_token_id,)))
+    return out
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded source+target rows; labels are IGNORE except on target tokens."""
+
+    input_ids: torch.Tensor   # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor      # [B, L]
+    row_client: torch.Tensor  # [B] index into the prompt bank
+
+    def rows(self, sl: slice) -> "TrainBatch":
+        return TrainBatch(self.input_ids[sl], self.attention_mask[sl], self.labels[sl],
+                          self.row_client[sl])
+
+
+def collate(encoded: Sequence[Encoded], row_client: Sequence[int], pad_id: int) -> TrainBatch:
+    length = max(len(e.source) + len(e.target) for e in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    labels = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
+    for r, e in enumerate(encoded):
+        row = e.source + e.target
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = 1
+        labels[r, len(e.source): len(row)] = torch.tensor(e.target)
+    return TrainBatch(ids, mask, labels, torch.tensor(list(row_client), dtype=torch.long))
+
+
+def label_counts(batch: TrainBatch, num_clients: int) -> torch.Tensor:
+    """Label tokens per client in a batch: the denominators of the clients' mean losses."""
+    per_row = (batch.labels != IGNORE).sum(dim=1).double()
+    return torch.zeros(num_clients, dtype=torch.float64).index_add_(0, batch.row_client, per_row)
+
+
+def prompted_embeddings(model, prompts: torch.Tensor, row_client: torch.Tensor,
+                        input_ids: torch.Tensor) -> torch.Tensor:
+    """`[prompt of the row's client ; token embeddings]`, in the backbone's dtype."""
+    embeds = model.get_input_embeddings()(input_ids)
+    return torch.cat([prompts[row_client].to(embeds.dtype), embeds], dim=1)
+
+
+def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+    """Per-client sums of token cross-entropy over label tokens, shape `[K]` (float32).
+
+    Runs the decoder body, then the LM head only at positions whose next token is a label.
+    """
+    num_prompt = prompts.shape[1]
+    embeds = prompted_embeddings(model, prompts, batch.row_client, batch.input_ids)
+    mask = torch.cat([batch.attention_mask.new_ones(batch.attention_mask.shape[0], num_prompt),
+                      batch.attention_mask], dim=1)
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    # position t predicts token t+1; labels are aligned to the token part of the sequence
+    targets = batch.labels[:, 1:]
+    predicting = hidden[:, num_prompt:-1]
+    where = targets != IGNORE
+    logits = model.get_output_embeddings()(predicting[where]).float()
+    token_loss = F.cross_entropy(logits, targets[where], reduction="none")
+    row_of_token = torch.arange(targets.shape[0]).unsqueeze(1).expand_as(targets)[where]
+    client_of_token = batch.row_client[row_of_token]
+    return torch.zeros(prompts.shape[0], dtype=token_loss.dtype,
+                       device=token_loss.device).index_add(0, client_of_token, token_loss)
