@@ -1,0 +1,276 @@
+"""Per-GPU memory of a run on a frozen ZeRO-3 backbone, before anything is downloaded, and the
+number of clients in parallel (K) and parameter offload that fit.
+
+The model's shape comes from its config alone (alias table, local config.json, or the hub's
+config.json): the architecture is instantiated on the meta device, which allocates nothing but
+gives the exact parameter count and sizes. Terms, in bytes per GPU, for a bf16 backbone of N
+parameters on G = gpus x nodes GPUs (docs/GPU.md explains each):
+
+  weights      2N/G: this GPU's ZeRO-3 shard; 0 with parameter offload (shard in pinned CPU RAM).
+  gathered     2 x max(largest module, min(stage3_max_live_parameters, decoder layer +
+               stage3_prefetch_bucket_size)): ZeRO-3 all-gathers a layer just before it runs,
+               prefetches the next ones and frees them after use; plus parameters of at most
+               stage3_param_persistence_threshold elements, which stay whole on every GPU.
+  activations  per token, L x (8D + 3I) bf16 elements saved for backward (measured on a small
+               Llama with frozen weights and SDPA attention: tests/test_ops.py checks it), plus
+               14 bytes per vocabulary entry per label token for logits and loss.
+  prompts      K x P x D fp32 x 4: the prompt bank, its gradient and Adam's two moments.
+  runtime      a fixed 2 GB for the CUDA context, cuBLAS workspaces and NCCL buffers (assumed).
+
+A step's K x B rows are split across all G GPUs (profit_ds.fl.gradients), so each GPU holds the
+activations of ceil(K x B / G) rows. Only 90% of GPU memory is planned for: the caching
+allocator fragments. DeepSpeed's own estimator is reported alongside as a cross-check of the
+weights + gathered terms (it assumes an optimizer; only its parameter part applies here).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from profit_ds.config import RunConfig
+from profit_ds.errors import UsageError
+from profit_ds.model.aliases import gated_hint, resolve_model
+from profit_ds.model.ds_config import deepspeed_zero, load_ds_config, offloads_params
+
+GB = 10**9
+BF16 = 2
+USABLE_FRACTION = 0.9
+RUNTIME_BYTES = 2 * GB
+SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE = 8, 3
+LOGIT_BYTES = 2 + 4 + 4 + 4  # bf16 logits, their fp32 copy, saved log-softmax, one fp32 grad
+PROMPT_TENSORS = 4
+DEFAULT_CONFIGS = ("zero3_gpu_bf16", "zero3_gpu_bf16_offload")
+MAX_K = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide memory, exact for the architecture.
+
+    largest_module_params: most parameters owned directly by one module (DeepSpeed's "largest
+    layer", e.g. the embedding). param_numels: every parameter tensor's size, in module order,
+    to apply the persistence threshold exactly as DeepSpeed does.
+    """
+
+    name: str
+    params: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    largest_module_params: int
+    decoder_layer_params: int
+    param_numels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one training step puts on the GPUs: B rows per client, each `seq_len` tokens of
+    source and target after the P prompt tokens, of which `target_tokens` carry a loss."""
+
+    gpus: int
+    nodes: int
+    prompt_tokens: int
+    seq_len: int
+    micro_batch: int
+    target_tokens: int
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU, by what holds them."""
+
+    weights: int
+    gathered: int
+    activations: int
+    prompts: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gathered + self.activations + self.prompts + self.runtime
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The verdict: which config, how many clients in parallel, and the memory that implies."""
+
+    shape: ModelShape
+    workload: Workload
+    gpu_mem_bytes: int
+    ds_config: str
+    offload: bool
+    clients_in_parallel: int
+    max_clients_in_parallel: int
+    fits: bool
+    memory: Memory
+    deepspeed_estimate: int
+    cpu_offload_bytes_per_node: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready: sizes in GB (10^9 bytes), as the table prints them."""
+        shape = {k: v for k, v in asdict(self.shape).items() if k != "param_numels"}
+        per_gpu = {k: v / GB for k, v in asdict(self.memory).items()}
+        return {"model": shape, "bf16_total_gb": BF16 * self.shape.params / GB,
+                "workload": asdict(self.workload), "gpu_mem_gb": self.gpu_mem_bytes / GB,
+                "usable_gb": USABLE_FRACTION * self.gpu_mem_bytes / GB,
+                "ds_config": self.ds_config, "offload_params": self.offload,
+                "clients_in_parallel": self.clients_in_parallel,
+                "max_clients_in_parallel": self.max_clients_in_parallel, "fits": self.fits,
+                "per_gpu_gb": {**per_gpu, "total": self.memory.total / GB},
+                "deepspeed_estimate_gb": self.deepspeed_estimate / GB,
+                "cpu_offload_gb_per_node": self.cpu_offload_bytes_per_node / GB}
+
+
+def model_config(name: str):
+    """The transformers config of `--model`, without weights: from the alias table offline, a
+    local directory's config.json, or the hub's config.json (read from the HF cache if there)."""
+    from transformers import AutoConfig
+
+    ref = resolve_model(name)
+    if ref.alias is not None:
+        return AutoConfig.for_model(**ref.alias.config)
+    try:
+        return AutoConfig.from_pretrained(ref.location)
+    except (OSError, ValueError) as err:
+        hint = gated_hint(ref.location, err) or "give an alias (profit-ds models) or a local path"
+        raise UsageError(f"--model {name}: cannot read its config.json "
+                         f"({str(err).splitlines()[0]}); {hint}") from None
+
+
+def shape_of(config, name: str) -> ModelShape:
+    """Instantiate the architecture on the meta device (nothing allocated) and measure it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    numels = tuple(p.numel() for p in model.parameters())
+    layers = _decoder_layers(model, config.num_hidden_layers, name)
+    return ModelShape(
+        name=name, params=sum(numels), hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+        num_layers=config.num_hidden_layers, vocab_size=config.vocab_size,
+        largest_module_params=max(sum(p.numel() for p in m.parameters(recurse=False))
+                                  for m in model.modules()),
+        decoder_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        param_numels=numels)
+
+
+def _decoder_layers(model, num_layers: int, name: str):
+    """The ModuleList of the model's decoder layers, found by its length."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise UsageError(f"--model {name}: cannot find its {num_layers} decoder layers")
+
+
+def model_shape(name: str) -> ModelShape:
+    """The shape of `--model`, from its config alone."""
+    return shape_of(model_config(name), name)
+
+
+def gathered_bytes(shape: ModelShape, zero) -> int:
+    """Parameters whole on the GPU at once: the gathered working set plus persistent ones."""
+    window = min(zero.max_live_parameters, shape.decoder_layer_params + zero.prefetch_bucket_size)
+    return BF16 * (max(shape.largest_module_params, window) + persistent_params(shape, zero))
+
+
+def persistent_params(shape: ModelShape, zero) -> int:
+    """Elements DeepSpeed keeps unpartitioned: each parameter at or under the threshold, in
+    order, until the model-wide cap (DeepSpeedZeRoOffload.mark_persistent_parameters)."""
+    total = 0
+    for numel in shape.param_numels:
+        if numel <= zero.param_persistence_threshold and (
+                total + numel <= zero.model_persistence_threshold):
+            total += numel
+    return total
+
+
+def activation_bytes(shape: ModelShape, rows: int, tokens: int, label_tokens: int) -> int:
+    """Saved-for-backward bytes of `rows` rows of `tokens` tokens, `label_tokens` with a loss."""
+    per_token = shape.num_layers * BF16 * (SAVED_PER_HIDDEN * shape.hidden_size
+                                           + SAVED_PER_INTERMEDIATE * shape.intermediate_size)
+    return rows * (tokens * per_token + label_tokens * shape.vocab_size * LOGIT_BYTES)
+
+
+def memory(shape: ModelShape, work: Workload, zero, offload: bool, clients: int) -> Memory:
+    """Bytes per GPU with `clients` clients in parallel."""
+    rows = math.ceil(clients * work.micro_batch / work.world)
+    label_tokens = min(work.target_tokens, work.seq_len)
+    return Memory(
+        weights=0 if offload else math.ceil(BF16 * shape.params / work.world),
+        gathered=gathered_bytes(shape, zero),
+        activations=activation_bytes(shape, rows, work.seq_len + work.prompt_tokens, label_tokens),
+        prompts=clients * work.prompt_tokens * shape.hidden_size * 4 * PROMPT_TENSORS,
+        runtime=RUNTIME_BYTES)
+
+
+def max_clients(shape: ModelShape, work: Workload, zero, offload: bool, usable: float) -> int:
+    """The largest K whose memory fits in `usable` bytes (0 if not even one client fits).
+
+    Memory grows with K in steps (rows per GPU are rounded up), so this bisects.
+    """
+    low, high = 0, MAX_K
+    while low < high:
+        mid = (low + high + 1) // 2
+        if memory(shape, work, zero, offload, mid).total <= usable:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def deepspeed_estimate(shape: ModelShape, work: Workload, offload: bool) -> int:
+    """DeepSpeed's GPU figure for ZeRO-3 model states, parameter part only.
+
+    With cpu_offload=True its optimizer states are counted on the CPU, which leaves on the GPU
+    exactly the bf16 shard (none with param offload) plus 4 bytes x the largest layer.
+    """
+    estimate = deepspeed_zero().stage3.estimate_zero3_model_states_mem_needs
+    _, gpu, _ = estimate(shape.params, shape.largest_module_params, num_gpus_per_node=work.gpus,
+                         num_nodes=work.nodes, cpu_offload=True, cpu_offload_params=offload)
+    return gpu
+
+
+def default_workload(name: str, gpus: int, nodes: int = 1, prompt_tokens: int | None = None,
+                     seq_len: int | None = None, micro_batch: int | None = None) -> Workload:
+    """Unset numbers default to what `profit-ds run` would use for this model."""
+    run = RunConfig(model=name)
+    if gpus < 1 or nodes < 1:
+        raise UsageError("--gpus and --nodes must be >= 1")
+    work = Workload(gpus=gpus, nodes=nodes,
+                    prompt_tokens=prompt_tokens or run.resolved_prompt_tokens(),
+                    seq_len=seq_len or run.max_source_tokens + run.max_target_tokens,
+                    micro_batch=micro_batch or run.batch_size,
+                    target_tokens=run.max_target_tokens)
+    if min(work.prompt_tokens, work.seq_len, work.micro_batch) < 1:
+        raise UsageError("--prompt-tokens, --seq-len and --micro-batch must be >= 1")
+    return work
+
+
+def plan(shape: ModelShape, work: Workload, gpu_mem_gb: float = 80.0,
+         clients_in_parallel: int | None = None, ds_config: str | None = None) -> Plan:
+    """Pick the first config (plain, then parameter offload; or the user's) where the asked K,
+    or at least one client, fits; K defaults to the most that fit."""
+    gpu_mem = int(gpu_mem_gb * GB)
+    usable = USABLE_FRACTION * gpu_mem
+    for name in (ds_config,) if ds_config else DEFAULT_CONFIGS:
+        config = load_ds_config(name, dtype="bf16", micro_batch=work.micro_batch)
+        zero = deepspeed_zero().config.DeepSpeedZeroConfig(**config["zero_optimization"])
+        offload = offloads_params(config)
+        most = max_clients(shape, work, zero, offload, usable)
+        if most >= (clients_in_parallel or 1):
+            break
+    clients = clients_in_parallel or max(most, 1)
+    return Plan(shape=shape, workload=work, gpu_mem_bytes=gpu_mem, ds_config=name,
+                offload=offload, clients_in_parallel=clients, max_clients_in_parallel=most,
+                fits=most >= clients, memory=memory(shape, work, zero, offload, clients),
+                deepspeed_estimate=deepspeed_estimate(shape, work, offload),
+                cpu_offload_bytes_per_node=BF16 * shape.params // work.nodes if offload else 0)
