@@ -24,6 +24,8 @@ class RunConfig:
     model: str = "tiny"
     data: str = "builtin"
     heterogeneity: str = "task"
+    language: str = "English"
+    positive_examples: int = 0
     num_clients: int | None = None
     instances_per_task: int = 100
     max_per_client: int | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -24,15 +25,22 @@ def setup() -> None:
     """Initialize the process group once (gloo on CPU, nccl on GPU), launcher or not."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    init_method = None
+    if "WORLD_SIZE" not in os.environ:
+        # no launcher: a one-rank group over a private file store (no TCP port to collide on)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        fd, store = tempfile.mkstemp(prefix="profit-ds-store-")
+        os.close(fd)
+        os.unlink(store)
+        init_method = f"file://{store}"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, init_method=init_method,
+                               rank=int(os.environ["RANK"]),
+                               world_size=int(os.environ["WORLD_SIZE"]))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 

@@ -26,7 +26,7 @@ from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize, summarize
 from profit_ds.fl.rounds import RoundSpec, federated_round
 from profit_ds.fl.server import ServerOptimizer, ServerState
-from profit_ds.model.backbone import Backbone, init_prompt, load_backbone
+from profit_ds.model.backbone import init_prompt, load_backbone, resolve_path
 from profit_ds.report import Reporter
 
 TOKENS_PER_FORWARD = {"cpu": 8192, "cuda": 65536}  # rows x tokens one rank handles well
@@ -37,7 +37,7 @@ def load_tasks(cfg: RunConfig):
     if cfg.data == "builtin":
         return builtin_tasks(instances_per_task=cfg.instances_per_task)
     from profit_ds.data.loading import load_tasks as load_sni
-    return load_sni(cfg.data)
+    return load_sni(cfg.data, languages=None if cfg.language == "any" else (cfg.language,))
 
 
 def clients_in_parallel(cfg: RunConfig, data: FederatedData, prompt_tokens: int) -> int:
@@ -98,12 +98,14 @@ def run(cfg: RunConfig) -> dict:
     """Run the whole pipeline; returns the results dict (also written to results.json)."""
     t0 = time.perf_counter()
     out = prepare_output(cfg)
+    resolve_path(cfg.model)  # a bad --model fails now, not after the data is loaded
     timing: dict[str, float] = {}
     reporter = Reporter(enabled=distributed.is_main())
     tasks = load_tasks(cfg)
     partition = build_partition(
         tasks, PartitionSpec(heterogeneity=cfg.heterogeneity, num_clients=cfg.num_clients,
-                             max_per_client=cfg.max_per_client, seed=cfg.seed), FormatSpec())
+                             max_per_client=cfg.max_per_client, seed=cfg.seed),
+        FormatSpec(num_positive_examples=cfg.positive_examples))
     if cfg.clients_per_round > len(partition.train_clients):
         raise UsageError(f"--clients-per-round {cfg.clients_per_round}: only "
                          f"{len(partition.train_clients)} train clients")
@@ -182,7 +184,8 @@ def run(cfg: RunConfig) -> dict:
                         "train_clients": len(data.train_clients),
                         "validation_clients": len(data.validation_clients),
                         "test_clients": len(data.test_clients),
-                        "global_test_examples": len(data.global_test)},
+                        "global_test_examples": len(data.global_test),
+                        "truncation": data.truncation},
                "rounds": rounds, "initial": initial, "global": federated,
                "personalized": summarize(records), "personalized_clients": records,
                "timing": timing, "environment": environment()}

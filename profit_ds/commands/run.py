@@ -53,6 +53,8 @@ def run(
     data: Optional[str] = typer.Option(None, help="'builtin' (default), a directory of SNI task JSON files / a natural-instructions clone, or hf:NAME."),
     heterogeneity: Optional[str] = typer.Option(None, help="task (default) | iid | categories:K | dirichlet:ALPHA"),
     num_clients: Optional[int] = typer.Option(None, help="Number of clients (default: one per task)."),
+    language: Optional[str] = typer.Option(None, help="SNI: keep tasks whose input/output language is this (default English; 'any' keeps all)."),
+    positive_examples: Optional[int] = typer.Option(None, help="Demonstrations (Positive Examples) in each source text (default 0)."),
     algo: Optional[str] = typer.Option(None, help="fedavg (default) | fedsgd"),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds (default 15)."),
     clients_per_round: Optional[int] = typer.Option(None, help="Clients sampled per round (default 6)."),

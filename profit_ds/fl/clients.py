@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from profit_ds.data.format import TruncationReport
 from profit_ds.data.types import Client, Example, Partition
 from profit_ds.model.prompted import Encoded, encode
 
@@ -44,26 +45,33 @@ class FederatedData:
     test_clients: list[ClientData]
     global_test: EvalSet
     global_validation: EvalSet
+    truncation: dict
 
 
-def _eval_set(tokenizer, examples: list[Example], max_source: int | None) -> EvalSet:
-    return EvalSet(encode(tokenizer, examples, max_source), [e.references for e in examples],
-                   [e.id for e in examples])
+def _eval_set(tokenizer, examples: list[Example], max_source: int | None,
+              report: TruncationReport) -> EvalSet:
+    return EvalSet(encode(tokenizer, examples, max_source, report=report),
+                   [e.references for e in examples], [e.id for e in examples])
 
 
 def encode_partition(tokenizer, partition: Partition, max_source_tokens: int | None = None,
                      max_target_tokens: int | None = None) -> FederatedData:
-    """Tokenize every client's examples once, up front."""
+    """Tokenize every client's examples once, up front; count what truncation cut."""
+    report = TruncationReport()
+
     def client(c: Client) -> ClientData:
         return ClientData(c.name, c.split,
-                          encode(tokenizer, c.train, max_source_tokens, max_target_tokens),
-                          _eval_set(tokenizer, c.test, max_source_tokens))
+                          encode(tokenizer, c.train, max_source_tokens, max_target_tokens, report),
+                          _eval_set(tokenizer, c.test, max_source_tokens, report))
+    train = [client(c) for c in partition.train_clients]
+    validation = [client(c) for c in partition.validation_clients]
+    test = [client(c) for c in partition.test_clients]
     return FederatedData(
-        train_clients=[client(c) for c in partition.train_clients],
-        validation_clients=[client(c) for c in partition.validation_clients],
-        test_clients=[client(c) for c in partition.test_clients],
-        global_test=_eval_set(tokenizer, partition.global_test, max_source_tokens),
-        global_validation=_eval_set(tokenizer, partition.global_validation, max_source_tokens))
+        train_clients=train, validation_clients=validation, test_clients=test,
+        global_test=_eval_set(tokenizer, partition.global_test, max_source_tokens, TruncationReport()),
+        global_validation=_eval_set(tokenizer, partition.global_validation, max_source_tokens,
+                                    TruncationReport()),
+        truncation=report.summary())
 
 
 def local_batches(num_examples: int, epochs: int, batch_size: int, key: str) -> list[list[int]]:

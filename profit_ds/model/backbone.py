@@ -78,8 +78,8 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: dict | None = None,
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    distributed.setup()
     path = resolve_path(name)
+    distributed.setup()
     config = zero3_config(dtype, ds_config)
     hf_ds_config = HfDeepSpeedConfig(config)  # from_pretrained now builds inside zero.Init
     try:

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from profit_ds.data.format import TruncationReport, truncate_source, truncate_target
 from profit_ds.data.types import Example
 
 IGNORE = -100
@@ -31,21 +32,24 @@ class Encoded:
 
 
 def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int | None = None,
-           max_target_tokens: int | None = None) -> list[Encoded]:
+           max_target_tokens: int | None = None,
+           report: TruncationReport | None = None) -> list[Encoded]:
     """Tokenize sources and targets separately, so the loss mask is exact.
 
-    Sources are truncated from the left (the instance input and the output cue, at the end,
-    matter most), targets from the right; EOS is always kept so the model learns to stop.
+    Over-long sources lose their middle (the Definition at the head and the instance input with
+    the output cue at the tail matter most); targets are cut from the right; EOS is always kept
+    so the model learns to stop. `report` counts what was cut.
     """
     sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
     targets = tokenizer([" " + e.target for e in examples], add_special_tokens=False)["input_ids"]
+    keep_tail = (max_source_tokens or 0) // 2
     out = []
     for s, t in zip(sources, targets):
-        if max_source_tokens is not None:
-            s = s[-max_source_tokens:]
-        if max_target_tokens is not None:
-            t = t[:max_target_tokens]
-        out.append(Encoded(tuple(s), tuple(t) + (tokenizer.eos_token_id,)))
+        s_cut = truncate_source(s, max_source_tokens, keep_tail)
+        t_cut = truncate_target(t, max_target_tokens)
+        if report is not None:
+            report.record(len(s_cut) < len(s), len(t_cut) < len(t))
+        out.append(Encoded(tuple(s_cut), tuple(t_cut) + (tokenizer.eos_token_id,)))
     return out
 
 

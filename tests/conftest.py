@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random-init Llama saved locally (no hub), and its ZeRO-3 backbone.
+
+The backbone fixture is session-scoped: DeepSpeed's process group and its one-time JIT op build
+are paid once per test session.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from profit_ds.model.builtin import BUILTIN_DIR
+
+SNI_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "sni-sample" / "tasks"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with the built-in tokenizer, written to a temp dir."""
+    out = tmp_path_factory.mktemp("tiny_random")
+    tok = AutoTokenizer.from_pretrained(BUILTIN_DIR)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_model_dir):
+    from profit_ds.model.backbone import load_backbone
+    return load_backbone(str(tiny_model_dir), "fp32")
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_model_dir):
+    """The same weights as a plain, unsharded PyTorch model (built directly, not through
+    from_pretrained, which would partition it while a ZeRO-3 config is registered)."""
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_model_dir))
+    model.load_state_dict(load_file(tiny_model_dir / "model.safetensors"), strict=False)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,106 @@
+"""`profit-ds run` end to end on small settings: the files and fields of the contract, and the
+personalization identities that must hold whatever the model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from profit_ds.config import resolve
+from profit_ds.runner import run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory, backbone):
+    out = tmp_path_factory.mktemp("run")
+    cfg = resolve(None, dict(model=str(tiny_model_dir), rounds=2, clients_per_round=3,
+                             instances_per_task=10, personalize_lrs=[0.0, 5.0],
+                             personalize_epochs=2, eval_every=1, output_dir=str(out),
+                             clients_in_parallel="4", prompt_tokens=8))
+    return out, run(cfg)
+
+
+def test_results_follow_the_contract(finished_run):
+    out, results = finished_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["config"]["rounds"] == 2
+    for key in ("config", "rounds", "initial", "global", "personalized", "timing"):
+        assert key in on_disk
+    for key in ("initial", "global"):
+        assert set(on_disk[key]) >= {"local_rouge_l", "global_rouge_l"}
+        assert 0.0 <= on_disk[key]["global_rouge_l"] <= 100.0
+    assert [r["round"] for r in on_disk["rounds"]] == [1, 2]
+    assert all("train_loss" in r and "val_rouge_l" in r for r in on_disk["rounds"])
+    assert {(p["lr"], p["epoch"]) for p in on_disk["personalized"]} == \
+        {(0.0, 1), (0.0, 2), (5.0, 1), (5.0, 2)}
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    assert on_disk["data"]["manifest_hash"] == results["data"]["manifest_hash"]
+
+
+def test_prompt_files(finished_run, backbone):
+    out, results = finished_run
+    with safe_open(out / "global_prompt.safetensors", "pt") as f:
+        assert f.get_tensor("prompt").shape == (8, backbone.hidden_size)
+    clients = sorted(p.stem for p in (out / "clients").glob("*.safetensors"))
+    assert clients == sorted({r["client"] for r in results["personalized_clients"]})
+    with safe_open(out / "clients" / f"{clients[0]}.safetensors", "pt") as f:
+        assert set(f.keys()) == {"lr=0", "lr=5"}
+
+
+def test_personalization_at_lr_zero_leaves_scores_unchanged(finished_run):
+    _, results = finished_run
+    fed = results["global"]
+    for row in results["personalized"]:
+        if row["lr"] == 0.0:
+            assert row["local_rouge_l"] == pytest.approx(fed["local_rouge_l"], abs=1e-9)
+            assert row["global_rouge_l"] == pytest.approx(fed["global_rouge_l"], abs=1e-9)
+    per_client = {r["client"]: r for r in results["personalized_clients"]
+                  if r["lr"] == 0.0 and r["epoch"] == 2}
+    for name, local in fed["clients"].items():
+        assert per_client[name]["local_rouge_l"] == pytest.approx(local, abs=1e-9)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "profit_ds", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rounds", "0"], "--rounds"),
+    (["--client-lr", "-1"], "--client-lr"),
+    (["--algo", "fedprox"], "--algo"),
+    (["--clients-in-parallel", "many"], "--clients-in-parallel"),
+    (["--clients-per-round", "99"], "--clients-per-round"),
+    (["--model", "./no/such/dir"], "--model"),
+    (["--config", "missing.yaml"], "--config"),
+])
+def test_bad_flags_give_one_line_and_exit_2(args, needle, tmp_path):
+    out = _cli("run", "--output-dir", str(tmp_path / "o"), *args)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_finished_run_is_not_overwritten(finished_run):
+    out, _ = finished_run
+    before = (out / "results.json").read_bytes()
+    res = _cli("run", "--output-dir", str(out), "--model", "tiny")
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_builtin_model_runs_from_the_cli(tmp_path):
+    """The real default path: built-in model, built-in suite, console output and files."""
+    res = _cli("run", "--rounds", "1", "--clients-per-round", "2", "--instances-per-task", "10",
+               "--personalize-lrs", "1", "--personalize-epochs", "1", "--algo", "fedsgd",
+               "--server-opt", "adam", "--server-lr", "0.01",
+               "--output-dir", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Federated prompt" in res.stdout and "Personalization" in res.stdout
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["config"]["algo"] == "fedsgd"
+    assert results["config"]["model"] == "tiny"
