@@ -6,7 +6,6 @@ costliest mistake on a cluster; the numbers that decide it are all in the model'
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -85,18 +84,18 @@ def plan(
                                                   "path; only its config is read."),
     gpus: int = typer.Option(1, "--gpus", help="GPUs per node."),
     nodes: int = typer.Option(1, "--nodes", help="Nodes."),
-    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens",
+    prompt_tokens: int | None = typer.Option(None, "--prompt-tokens",
                                                 help="Virtual tokens P (default: as run)."),
-    clients_in_parallel: Optional[int] = typer.Option(
+    clients_in_parallel: int | None = typer.Option(
         None, "--clients-in-parallel", help="K to check (default: the most that fit)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len",
+    seq_len: int | None = typer.Option(None, "--seq-len",
                                           help="Source + target tokens per row (default: as "
                                                "run's token limits)."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch",
+    micro_batch: int | None = typer.Option(None, "--micro-batch",
                                               help="Rows per client per step (run's "
                                                    "--batch-size)."),
     gpu_mem_gb: float = typer.Option(80.0, "--gpu-mem-gb", help="Memory of one GPU, GB."),
-    ds_config: Optional[str] = typer.Option(None, "--ds-config",
+    ds_config: str | None = typer.Option(None, "--ds-config",
                                             help="Plan for this ZeRO-3 config instead of "
                                                  "choosing between the bundled ones."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

@@ -74,7 +74,7 @@ def deepspeed_zero() -> ModuleType:
     """
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed.runtime.zero.config
-        import deepspeed.runtime.zero.stage3  # noqa: F401  (the estimators live here)
+        import deepspeed.runtime.zero.stage3  # the estimators live here
     return deepspeed.runtime.zero
 
 
