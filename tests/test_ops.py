@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -239,6 +238,7 @@ def _pins(instruction: str) -> dict[str, Version]:
 
 
 def test_dockerfile_pins_satisfy_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     deps = [Requirement(d) for d in
             tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
     runs = [i for i in _dockerfile_instructions() if i.startswith("RUN ")]
