@@ -255,22 +255,40 @@ def default_workload(name: str, gpus: int, nodes: int = 1, prompt_tokens: int | 
     return work
 
 
+@dataclass(frozen=True)
+class _Option:
+    """One candidate config and the most clients it fits."""
+
+    name: str
+    zero: object
+    offload: bool
+    most: int
+
+
+def _option(name: str, shape: ModelShape, work: Workload, usable: float) -> _Option:
+    config = load_ds_config(name, dtype="bf16", micro_batch=work.micro_batch)
+    zero = deepspeed_zero().config.DeepSpeedZeroConfig(**config["zero_optimization"])
+    offload = offloads_params(config)
+    return _Option(name, zero, offload, max_clients(shape, work, zero, offload, usable))
+
+
 def plan(shape: ModelShape, work: Workload, gpu_mem_gb: float = 80.0,
          clients_in_parallel: int | None = None, ds_config: str | None = None) -> Plan:
-    """Pick the first config (plain, then parameter offload; or the user's) where the asked K,
-    or at least one client, fits; K defaults to the most that fit."""
+    """Choose the config: the user's, else the first of plain and parameter offload where the
+    asked K fits, else where one client fits (offload costs PCIe traffic on every layer, so
+    it is chosen only when it is what makes the run fit). K defaults to the most that fit."""
     gpu_mem = int(gpu_mem_gb * GB)
     usable = USABLE_FRACTION * gpu_mem
-    for name in (ds_config,) if ds_config else DEFAULT_CONFIGS:
-        config = load_ds_config(name, dtype="bf16", micro_batch=work.micro_batch)
-        zero = deepspeed_zero().config.DeepSpeedZeroConfig(**config["zero_optimization"])
-        offload = offloads_params(config)
-        most = max_clients(shape, work, zero, offload, usable)
-        if most >= (clients_in_parallel or 1):
-            break
-    clients = clients_in_parallel or max(most, 1)
-    return Plan(shape=shape, workload=work, gpu_mem_bytes=gpu_mem, ds_config=name,
-                offload=offload, clients_in_parallel=clients, max_clients_in_parallel=most,
-                fits=most >= clients, memory=memory(shape, work, zero, offload, clients),
-                deepspeed_estimate=deepspeed_estimate(shape, work, offload),
-                cpu_offload_bytes_per_node=BF16 * shape.params // work.nodes if offload else 0)
+    options = [_option(name, shape, work, usable)
+               for name in ((ds_config,) if ds_config else DEFAULT_CONFIGS)]
+    want = clients_in_parallel or 1
+    best = next((o for o in options if o.most >= want), None) or next(
+        (o for o in options if o.most >= 1), options[-1])
+    clients = clients_in_parallel or max(best.most, 1)
+    return Plan(shape=shape, workload=work, gpu_mem_bytes=gpu_mem, ds_config=best.name,
+                offload=best.offload, clients_in_parallel=clients,
+                max_clients_in_parallel=best.most, fits=best.most >= clients,
+                memory=memory(shape, work, best.zero, best.offload, clients),
+                deepspeed_estimate=deepspeed_estimate(shape, work, best.offload),
+                cpu_offload_bytes_per_node=(BF16 * shape.params // work.nodes
+                                            if best.offload else 0))

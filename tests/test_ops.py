@@ -181,6 +181,7 @@ def test_plan_more_clients_cost_more_and_too_many_do_not_fit():
     best = planning.plan(shape, work)
     too_many = planning.plan(shape, work, clients_in_parallel=best.max_clients_in_parallel + 8)
     assert not too_many.fits and too_many.memory.total > best.memory.total
+    assert not too_many.offload  # offload is chosen only when it is what makes a run fit
     assert planning.plan(shape, work, gpu_mem_gb=160).max_clients_in_parallel > (
         best.max_clients_in_parallel)
 
