@@ -147,8 +147,11 @@ def shape_of(config, name: str) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:  # a config transformers has no causal LM for
+        raise UsageError(f"--model {name}: {str(err).splitlines()[0]}") from None
     numels = tuple(p.numel() for p in model.parameters())
     layers = _decoder_layers(model, config.num_hidden_layers, name)
     return ModelShape(
