@@ -60,6 +60,7 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     overwrite: bool = False
+    resume: bool = False
 
     def resolved_prompt_tokens(self) -> int:
         if self.prompt_tokens is not None:

@@ -38,6 +38,10 @@ class Reporter:
                 progress.update(tid, advance=n, status=status)
             yield advance
 
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[yellow]{message}[/yellow]")
+
     def data_summary(self, partition, backbone, k_parallel: int) -> None:
         if not self.enabled:
             return

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from profit_ds import distributed, io
+from profit_ds import checkpoint, distributed, io
 from profit_ds.config import RunConfig
 from profit_ds.data.builtin import builtin_tasks
 from profit_ds.data.format import FormatSpec
@@ -29,6 +31,7 @@ from profit_ds.fl.server import ServerOptimizer, ServerState
 from profit_ds.model.backbone import init_prompt, load_backbone, resolve_path
 from profit_ds.report import Reporter
 
+CHECKPOINTS = "checkpoints"
 TOKENS_PER_FORWARD = {"cpu": 8192, "cuda": 65536}  # rows x tokens one rank handles well
 
 
@@ -80,11 +83,16 @@ def shared_prompt_scores(scores: Sequence[dict], clients: Sequence[ClientData]) 
 
 def prepare_output(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise UsageError(f"--output-dir {out}: already holds a finished run "
-                         "(pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: exists and is not a directory")
+    if (out / "results.json").exists() and not cfg.overwrite:
+        hint = "it is complete" if cfg.resume else "pass --overwrite to replace it"
+        raise UsageError(f"--output-dir {out}: already holds a finished run ({hint})")
+    if cfg.resume and not (out / "config.json").exists():
+        raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
+    if not cfg.resume and (out / CHECKPOINTS).exists() and not cfg.overwrite:
+        raise UsageError(f"--output-dir {out}: holds an unfinished run "
+                         "(pass --resume to continue it or --overwrite to start over)")
     return out
 
 
@@ -94,12 +102,50 @@ def environment() -> dict:
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
+@dataclass
+class Progress:
+    """Everything finished so far: what a checkpoint holds and a resume restores."""
+
+    prompt: torch.Tensor
+    server: ServerState = field(default_factory=ServerState)
+    round: int = 0
+    rounds: list[dict] = field(default_factory=list)
+    initial: dict | None = None
+    federated: dict | None = None
+    records: list[dict] = field(default_factory=list)
+    client_prompts: dict[str, dict[float, torch.Tensor]] = field(default_factory=dict)
+
+    def to_checkpoint(self) -> checkpoint.Checkpoint:
+        tensors = {"prompt": self.prompt, **{f"server/{k}": v
+                                             for k, v in self.server.tensors().items()}}
+        for name, by_lr in self.client_prompts.items():
+            tensors.update({f"client/{name}/{lr!r}": p for lr, p in by_lr.items()})
+        state = {"server_step": self.server.step, "rounds": self.rounds,
+                 "initial": self.initial, "federated": self.federated,
+                 "records": self.records}
+        return checkpoint.Checkpoint(self.round, tensors, state)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: checkpoint.Checkpoint) -> "Progress":
+        t, st = ckpt.tensors, ckpt.state
+        prompts: dict[str, dict[float, torch.Tensor]] = {}
+        for key, value in t.items():
+            if key.startswith("client/"):
+                _, name, lr = key.split("/", 2)
+                prompts.setdefault(name, {})[float(lr)] = value
+        server = ServerState(st["server_step"], t.get("server/m"), t.get("server/v"))
+        return cls(t["prompt"], server, ckpt.round, st["rounds"], st["initial"],
+                   st["federated"], st["records"], prompts)
+
+
 def run(cfg: RunConfig) -> dict:
-    """Run the whole pipeline; returns the results dict (also written to results.json)."""
+    """Run the whole pipeline; returns the results dict (also written to results.json).
+
+    With `cfg.resume`, continues from the newest valid checkpoint in the output directory.
+    """
     t0 = time.perf_counter()
     out = prepare_output(cfg)
     resolve_path(cfg.model)  # a bad --model fails now, not after the data is loaded
-    timing: dict[str, float] = {}
     reporter = Reporter(enabled=distributed.is_main())
     tasks = load_tasks(cfg)
     partition = build_partition(
@@ -109,14 +155,25 @@ def run(cfg: RunConfig) -> dict:
     if cfg.clients_per_round > len(partition.train_clients):
         raise UsageError(f"--clients-per-round {cfg.clients_per_round}: only "
                          f"{len(partition.train_clients)} train clients")
-    backbone = load_backbone(cfg.model, cfg.dtype, _ds_config(cfg), cfg.trust_remote_code)
+    cfg_hash = checkpoint.config_hash(cfg.to_dict())
+    ckpt_dir = out / CHECKPOINTS
+    restored = None
+    if cfg.resume:
+        restored = checkpoint.load_latest(ckpt_dir, cfg_hash, partition.manifest_hash,
+                                          warn=reporter.warn)
+    backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code)
     P = cfg.resolved_prompt_tokens()
     data = encode_partition(backbone.tokenizer, partition, cfg.max_source_tokens,
                             cfg.max_target_tokens)
     k_parallel = clients_in_parallel(cfg, data, P)
     new_tokens = max_new_tokens(cfg, data, backbone.tokenizer)
     reporter.data_summary(partition, backbone, k_parallel)
-    timing["load_s"] = time.perf_counter() - t0
+    if distributed.is_main():
+        if cfg.overwrite and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        io.write_json(out / "config.json", cfg.to_dict())
+        io.write_json(out / "manifest.json", partition.manifest)
+    timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
 
     def score(bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]], label: str) -> list[dict]:
         with reporter.task(label, sum(len(s) for _, s in requests)) as advance:
@@ -126,56 +183,81 @@ def run(cfg: RunConfig) -> dict:
         scores = score(prompt.unsqueeze(0), [(0, c.test) for c in data.test_clients], label)
         return shared_prompt_scores(scores, data.test_clients)
 
-    prompt = init_prompt(backbone, P, cfg.prompt_init, cfg.seed)
-    t = time.perf_counter()
-    initial = score_shared(prompt, "scoring the initial prompt")
-    timing["initial_eval_s"] = time.perf_counter() - t
+    def save(progress: Progress) -> None:
+        if distributed.is_main():
+            checkpoint.save(ckpt_dir, progress.to_checkpoint(), cfg_hash,
+                            partition.manifest_hash)
+
+    if restored:
+        progress = Progress.from_checkpoint(restored)
+        reporter.warn(f"resuming after round {progress.round} "
+                      f"({len(progress.records)} personalization records done)")
+    else:
+        progress = Progress(init_prompt(backbone, P, cfg.prompt_init, cfg.seed))
+    if progress.initial is None:
+        t = time.perf_counter()
+        progress.initial = score_shared(progress.prompt, "scoring the initial prompt")
+        timing["initial_eval_s"] = time.perf_counter() - t
+        save(progress)
 
     spec = RoundSpec(algo=cfg.algo, client_opt=ClientOptimizer(cfg.client_opt),
                      client_lr=cfg.client_lr, local_epochs=cfg.local_epochs,
                      batch_size=cfg.batch_size,
                      server_opt=ServerOptimizer(cfg.server_opt, cfg.server_lr),
                      clients_per_round=cfg.clients_per_round, seed=cfg.seed)
-    server_state = ServerState()
-    rounds: list[dict] = []
     metrics_path = out / "metrics.jsonl"
-    if distributed.is_main():
-        io.write_text(metrics_path, "")
+    if distributed.is_main():  # rewrite what the checkpoint vouches for; drop anything later
+        io.write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in progress.rounds))
     t = time.perf_counter()
     with reporter.task("federated training", cfg.rounds) as advance:
-        for r in range(1, cfg.rounds + 1):
+        advance(progress.round)
+        for r in range(progress.round + 1, cfg.rounds + 1):
             tr = time.perf_counter()
-            prompt, metrics = federated_round(backbone, prompt, server_state,
-                                              data.train_clients, spec, r, k_parallel)
+            progress.prompt, metrics = federated_round(backbone, progress.prompt,
+                                                       progress.server, data.train_clients,
+                                                       spec, r, k_parallel)
             if cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds) \
                     and len(data.global_validation):
-                val = score(prompt.unsqueeze(0), [(0, data.global_validation)],
+                val = score(progress.prompt.unsqueeze(0), [(0, data.global_validation)],
                             "scoring on the global validation set")[0]
                 metrics["val_rouge_l"] = val["rouge_l"]
             metrics["seconds"] = time.perf_counter() - tr
-            rounds.append(metrics)
+            progress.rounds.append(metrics)
+            progress.round = r
+            save(progress)
             if distributed.is_main():
                 with metrics_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
             advance(1, f"round {r}/{cfg.rounds} loss {metrics['train_loss']:.3f}")
     timing["train_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    federated = score_shared(prompt, "scoring the federated prompt")
-    timing["global_eval_s"] = time.perf_counter() - t
+    if progress.federated is None:
+        t = time.perf_counter()
+        progress.federated = score_shared(progress.prompt, "scoring the federated prompt")
+        timing["global_eval_s"] = time.perf_counter() - t
+        save(progress)
 
     t = time.perf_counter()
     pspec = PersonalizeSpec(ClientOptimizer(cfg.personalize_opt), cfg.personalize_lrs,
                             cfg.personalize_epochs, cfg.batch_size, cfg.seed)
     pairs = len(data.test_clients) * len(cfg.personalize_lrs)
-    evals_per_epoch = sum(len(c.test) + len(data.global_test) for c in data.test_clients) \
-        * len(cfg.personalize_lrs)
-    with reporter.task("personalization", evals_per_epoch * cfg.personalize_epochs) as advance:
+    per_pair = {c.name: (len(c.test) + len(data.global_test)) * cfg.personalize_epochs
+                for c in data.test_clients}
+    total = sum(per_pair.values()) * len(cfg.personalize_lrs)
+    with reporter.task("personalization", total) as advance:
+        advance(sum(per_pair[n] for n, by_lr in progress.client_prompts.items() for _ in by_lr))
+
         def evaluate_bank(bank, requests):
             return evaluate(backbone, bank, requests, new_tokens, cfg.eval_batch_size, advance)
-        records, client_prompts = personalize(backbone, prompt, data.test_clients,
-                                              data.global_test, pspec, min(k_parallel, pairs),
-                                              evaluate_bank)
+
+        def group_done(records, prompts):
+            progress.records, progress.client_prompts = records, prompts
+            save(progress)
+
+        records, client_prompts = personalize(
+            backbone, progress.prompt, data.test_clients, data.global_test, pspec,
+            min(k_parallel, pairs), evaluate_bank,
+            done=(progress.records, progress.client_prompts), on_group_done=group_done)
     timing["personalize_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
 
@@ -186,36 +268,29 @@ def run(cfg: RunConfig) -> dict:
                         "test_clients": len(data.test_clients),
                         "global_test_examples": len(data.global_test),
                         "truncation": data.truncation},
-               "rounds": rounds, "initial": initial, "global": federated,
-               "personalized": summarize(records), "personalized_clients": records,
+               "rounds": progress.rounds, "initial": progress.initial,
+               "global": progress.federated, "personalized": summarize(records),
+               "personalized_clients": sorted(records, key=_record_order(cfg)),
                "timing": timing, "environment": environment()}
     if distributed.is_main():
-        _write_outputs(out, cfg, prompt, client_prompts, partition.manifest, results)
+        _write_outputs(out, cfg, progress.prompt, client_prompts, results)
         reporter.results(results, out)
     return results
 
 
-def _ds_config(cfg: RunConfig) -> dict | None:
-    if cfg.ds_config is None:
-        return None
-    path = Path(cfg.ds_config)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"--ds-config {path}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"--ds-config {path}: not valid JSON ({err.msg})") from None
+def _record_order(cfg: RunConfig):
+    """Records in (client, lr, epoch) order, however the pairs were grouped or resumed."""
+    lr_index = {lr: i for i, lr in enumerate(cfg.personalize_lrs)}
+    return lambda r: (r["client"], lr_index[r["lr"]], r["epoch"])
 
 
 def _write_outputs(out: Path, cfg: RunConfig, prompt: torch.Tensor,
-                   client_prompts: dict[str, dict[float, torch.Tensor]], manifest: dict,
-                   results: dict) -> None:
+                   client_prompts: dict[str, dict[float, torch.Tensor]], results: dict) -> None:
+    """Final files; results.json last, since its presence marks the run finished."""
     meta = {"model": cfg.model, "prompt_tokens": str(prompt.shape[0])}
     io.write_tensors(out / "global_prompt.safetensors", {"prompt": prompt}, meta)
     for name, by_lr in client_prompts.items():
         io.write_tensors(out / "clients" / f"{name}.safetensors",
                          {f"lr={lr:g}": p for lr, p in by_lr.items()},
                          {**meta, "epochs": str(cfg.personalize_epochs)})
-    io.write_json(out / "manifest.json", manifest)
-    io.write_json(out / "config.json", cfg.to_dict())
     io.write_json(out / "results.json", results)

@@ -82,6 +82,7 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Seed for partitions, sampling, shuffles and prompt init."),
     output_dir: Optional[str] = typer.Option(None, help="Where results go (default runs/default)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a finished run in --output-dir."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the unfinished run in --output-dir from its last checkpoint."),
     config: Optional[str] = typer.Option(None, help="YAML/JSON file of options; flags override it."),
 ) -> None:
     """Federated prompt tuning + personalization + local/global ROUGE-L, on a frozen ZeRO-3 backbone."""
@@ -95,4 +96,10 @@ def run(
         return
     from profit_ds.runner import run as run_pipeline
 
-    run_pipeline(cfg)
+    try:
+        run_pipeline(cfg)
+    except KeyboardInterrupt:
+        # checkpoints are written after every round and personalization group
+        print(f"interrupted; continue with: profit-ds run --resume --output-dir {cfg.output_dir}",
+              file=sys.stderr)
+        raise typer.Exit(130) from None

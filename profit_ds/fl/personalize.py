@@ -31,14 +31,23 @@ class PersonalizeSpec:
     seed: int
 
 
+Prompts = dict[str, dict[float, torch.Tensor]]  # client name -> lr -> final prompt
+
+
 def personalize(backbone: Backbone, prompt: torch.Tensor, clients: Sequence[ClientData],
                 global_test: EvalSet, spec: PersonalizeSpec, k_parallel: int,
-                evaluate: Evaluator, after_step: Callable[[], None] | None = None
-                ) -> tuple[list[dict], dict[str, dict[float, torch.Tensor]]]:
-    """Per-(client, lr, epoch) scores, and each client's final prompt per lr."""
-    pairs = [(c, lr) for c in clients for lr in spec.lrs]
-    records: list[dict] = []
-    prompts: dict[str, dict[float, torch.Tensor]] = {c.name: {} for c in clients}
+                evaluate: Evaluator, done: tuple[list[dict], Prompts] | None = None,
+                on_group_done: Callable[[list[dict], Prompts], None] | None = None
+                ) -> tuple[list[dict], Prompts]:
+    """Per-(client, lr, epoch) scores, and each client's final prompt per lr.
+
+    `done` holds the records and prompts of (client, lr) pairs finished before an
+    interruption; they are skipped. `on_group_done` sees everything finished so far after each
+    group (for checkpoints). Each pair's result depends only on itself, not on its group.
+    """
+    records: list[dict] = list(done[0]) if done else []
+    prompts: Prompts = {c.name: dict(done[1].get(c.name, {})) if done else {} for c in clients}
+    pairs = [(c, lr) for c in clients for lr in spec.lrs if lr not in prompts[c.name]]
     for group in chunks(pairs, k_parallel):
         bank = prompt.unsqueeze(0).repeat(len(group), 1, 1)
         state = init_client_state(spec.opt, bank)
@@ -47,8 +56,7 @@ def personalize(backbone: Backbone, prompt: torch.Tensor, clients: Sequence[Clie
             schedules = [[[c.train[i] for i in batch] for batch in local_batches(
                 c.num_examples, 1, spec.batch_size,
                 f"{spec.seed}/personalize/{c.name}/lr{lr_}/epoch{epoch}")] for c, lr_ in group]
-            bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules,
-                                           after_step=after_step)
+            bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules)
             requests = [(k, c.test) for k, (c, _) in enumerate(group)]
             requests += [(k, global_test) for k in range(len(group))]
             scores = evaluate(bank, requests)
@@ -61,6 +69,8 @@ def personalize(backbone: Backbone, prompt: torch.Tensor, clients: Sequence[Clie
                                 "global_exact_match": scores[len(group) + k]["exact_match"]})
         for k, (c, lr_) in enumerate(group):
             prompts[c.name][lr_] = bank[k].clone()
+        if on_group_done:
+            on_group_done(records, prompts)
     return records, prompts
 
 

@@ -7,15 +7,13 @@ a 7B backbone is partitioned while loading, never materialized whole on one rank
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from profit_ds import distributed
 from profit_ds.errors import UsageError
-from profit_ds.model.builtin import BUILTIN_DIR, BUILTIN_NAMES
+from profit_ds.model.aliases import gated_hint, resolve_model
+from profit_ds.model.ds_config import load_ds_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,35 +41,16 @@ class Backbone:
 
 
 def resolve_path(name: str) -> str:
-    """The built-in name, a local directory, or an HF hub id (aliases resolve before this)."""
-    if name in BUILTIN_NAMES:
-        return str(BUILTIN_DIR)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--model {name}: directory has no config.json")
-        return str(path)
-    if name.startswith((".", "/", "~")):
-        raise UsageError(f"--model {name}: no such directory")
-    return name
+    """What `from_pretrained` loads for `--model`: built-in, alias, local path or hub id."""
+    return resolve_model(name).location
 
 
-def zero3_config(dtype: str, base: dict | None = None) -> dict:
-    """A ZeRO-3 inference-style config: no optimizer, every parameter partitioned."""
-    config = copy.deepcopy(base) if base else {
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    config.setdefault("train_micro_batch_size_per_gpu", 1)
-    config.setdefault("gradient_accumulation_steps", 1)
-    config.pop("train_batch_size", None)
-    config["bf16"] = {"enabled": dtype == "bf16"}
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    return config
-
-
-def load_backbone(name: str, dtype: str = "fp32", ds_config: dict | None = None,
+def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
                   trust_remote_code: bool = False) -> Backbone:
-    """Load, freeze and shard the backbone; same call on every rank."""
+    """Load, freeze and shard the backbone; same call on every rank.
+
+    `ds_config`: a ZeRO-3 JSON file or bundled config name (None: the default for `dtype`).
+    """
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
@@ -80,14 +59,16 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: dict | None = None,
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     path = resolve_path(name)
     distributed.setup()
-    config = zero3_config(dtype, ds_config)
+    config = load_ds_config(ds_config, dtype=dtype, micro_batch=1)
     hf_ds_config = HfDeepSpeedConfig(config)  # from_pretrained now builds inside zero.Init
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise UsageError(f"--model {name}: cannot load ({str(err).splitlines()[0]})") from None
+        hint = gated_hint(path, err)
+        raise UsageError(hint or f"--model {name}: cannot load ({str(err).splitlines()[0]})"
+                         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
