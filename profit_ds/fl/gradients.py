@@ -4,6 +4,11 @@ This is the one place where the backbone runs backward. Rows of all clients in f
 in one batch; every rank takes its slice of each forward chunk; the per-client denominators
 (label tokens) are computed from the whole batch on every rank, so the sum over ranks of the
 local gradients is the exact gradient; one all_reduce per call sums them (DESIGN.md 2-4).
+
+Rows are sorted by length before they are cut into forward chunks, so a chunk pads its rows to
+a length they nearly share: mixing clients with different text lengths costs no padding. A
+chunk is bounded by a token budget per rank as well as by rows: on a CPU, activations that
+outgrow the caches make the elementwise kernels memory-bound (measured in docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -13,29 +18,54 @@ import torch
 
 from profit_ds import distributed
 from profit_ds.model.backbone import Backbone
-from profit_ds.model.prompted import Encoded, client_loss_sums, collate, label_counts
+from profit_ds.model.prompted import Encoded, client_loss_sums, collate
+
+# padded tokens (prompt included) one rank runs in one forward; see docs/BENCHMARKS.md
+TOKENS_PER_FORWARD = {"cpu": 4096, "cuda": 65536}
+
+Row = tuple[int, Encoded]
 
 
-def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor,
-                        rows: Sequence[tuple[int, Encoded]], rows_per_forward: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def tokens_per_forward() -> int:
+    """This device's per-rank token budget for one forward."""
+    return TOKENS_PER_FORWARD["cuda" if torch.cuda.is_available() else "cpu"]
+
+
+def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int,
+                   max_tokens: int) -> list[list[Row]]:
+    """Rows longest first, cut into chunks of at most `max_rows` rows and `max_tokens` padded
+    tokens (rows x longest row), both counted over all ranks together."""
+    order = sorted(rows, key=lambda r: -(len(r[1].source) + len(r[1].target)))
+    chunks: list[list[Row]] = []
+    for row in order:
+        if chunks:
+            last = chunks[-1]
+            longest = num_prompt + len(last[0][1].source) + len(last[0][1].target)
+            if len(last) < max_rows and (len(last) + 1) * longest <= max_tokens:
+                last.append(row)
+                continue
+        chunks.append([row])
+    return chunks
+
+
+def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[Row],
+                        rows_per_forward: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients `[K, P, D]` of each client's mean token loss, and those mean losses `[K]`.
 
     `rows` pairs a bank index with an encoded example; a client with no rows gets zeros.
     `rows_per_forward` bounds the rows of one forward on all ranks together (memory), without
-    changing the result beyond float rounding.
+    changing the result beyond float rounding; so does the per-rank token budget.
     """
     k = bank.shape[0]
     pad = backbone.tokenizer.pad_token_id
-    whole = collate([e for _, e in rows], [c for c, _ in rows], pad)
-    counts = label_counts(whole, k)
+    world = distributed.world()
+    counts = _label_counts(rows, k)
     denom = counts.clamp(min=1).to(torch.float32)
     leaf = bank.detach().clone().requires_grad_(True)
     loss_sums = torch.zeros(k, dtype=torch.float64)
-    chunk = max(rows_per_forward, distributed.world())
-    for start in range(0, len(rows), chunk):
-        part = rows[start: start + chunk]
-        mine = [part[i] for i in range(len(part))[distributed.my_slice(len(part))]]
+    for part in forward_chunks(rows, bank.shape[1], max(rows_per_forward, world),
+                               tokens_per_forward() * world):
+        mine = part[distributed.my_slice(len(part))]
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
             sums = client_loss_sums(backbone.model, leaf, batch)
@@ -46,6 +76,14 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor,
     grads = leaf.grad if leaf.grad is not None else torch.zeros_like(bank)
     distributed.all_reduce_sum(grads, loss_sums)
     return grads.to(bank.dtype), (loss_sums / counts.clamp(min=1)).to(torch.float32)
+
+
+def _label_counts(rows: Sequence[Row], num_clients: int) -> torch.Tensor:
+    """Label tokens per client over all rows (every target token is a label): the
+    denominators of the clients' mean losses, known before any forward."""
+    clients = torch.tensor([c for c, _ in rows], dtype=torch.long)
+    sizes = torch.tensor([len(e.target) for _, e in rows], dtype=torch.float64)
+    return torch.zeros(num_clients, dtype=torch.float64).index_add_(0, clients, sizes)
 
 
 def _idle_forward_backward(backbone: Backbone, leaf: torch.Tensor) -> None:

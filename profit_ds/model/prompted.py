@@ -80,12 +80,6 @@ def collate(encoded: Sequence[Encoded], row_client: Sequence[int], pad_id: int) 
     return TrainBatch(ids, mask, labels, torch.tensor(list(row_client), dtype=torch.long))
 
 
-def label_counts(batch: TrainBatch, num_clients: int) -> torch.Tensor:
-    """Label tokens per client in a batch: the denominators of the clients' mean losses."""
-    per_row = (batch.labels != IGNORE).sum(dim=1).double()
-    return torch.zeros(num_clients, dtype=torch.float64).index_add_(0, batch.row_client, per_row)
-
-
 def prompted_embeddings(model, prompts: torch.Tensor, row_client: torch.Tensor,
                         input_ids: torch.Tensor) -> torch.Tensor:
     """`[prompt of the row's client ; token embeddings]`, in the backbone's dtype."""

@@ -1,0 +1,131 @@
+"""Results must not depend on how the work is scheduled: the number of clients per batched step
+(K) or the number of ranks only change float rounding (DESIGN.md point 3). And the bf16 backbone
+must train the fp32 prompt in the same direction as the fp32 backbone.
+
+Every run here is tiny (2-layer, 32-wide model; 4 clients of 8 examples; 2 rounds; 2-token
+generations): the point is the comparison, not the scores.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from profit_ds.config import resolve
+from profit_ds.fl.gradients import mean_loss_gradients
+from profit_ds.runner import run
+
+RTOL = 1e-5
+TINY = dict(rounds=2, clients_per_round=4, instances_per_task=10, batch_size=4,
+            client_opt="adam", client_lr=0.05, personalize_lrs=[0.5, 2.0], personalize_epochs=1,
+            eval_every=0, max_new_tokens=2, prompt_tokens=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Matrices this small gain nothing from a second thread, and on a shared machine a
+    preempted OpenMP thread stalls every kernel (seen: 10 ms per tiny matmul)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _flags(settings: dict) -> list[str]:
+    """The CLI spelling of a settings dict."""
+    out = []
+    for key, value in settings.items():
+        value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        out += [f"--{key.replace('_', '-')}", value]
+    return out
+
+
+def _prompts(out: Path) -> dict[str, torch.Tensor]:
+    """Every prompt a run wrote: the global one and each client's per-lr personalized ones."""
+    tensors = {"global": load_file(out / "global_prompt.safetensors")["prompt"]}
+    for path in sorted((out / "clients").glob("*.safetensors")):
+        tensors.update({f"{path.stem}/{k}": v for k, v in load_file(path).items()})
+    return tensors
+
+
+def _assert_same_prompts(a: Path, b: Path) -> None:
+    pa, pb = _prompts(a), _prompts(b)
+    assert pa.keys() == pb.keys() and len(pa) > 1
+    for name in pa:
+        rel = float((pa[name] - pb[name]).norm() / pa[name].norm())
+        assert rel < RTOL, f"{name}: relative difference {rel:.2e}"
+
+
+def _run_in_process(model_dir: Path, out: Path, **settings) -> Path:
+    run(resolve(None, dict(model=str(model_dir), output_dir=str(out), **TINY, **settings)))
+    return out
+
+
+@pytest.fixture(scope="module", params=["fedavg", "fedsgd"])
+def one_rank_k8(request, tiny_model_dir, tmp_path_factory, backbone) -> tuple[str, Path]:
+    """The reference run: 1 rank, K=8 (all 4 clients of a round in one step, personalization
+    pairs 8 at a time)."""
+    algo = request.param
+    out = tmp_path_factory.mktemp(f"{algo}-k8")
+    return algo, _run_in_process(tiny_model_dir, out, algo=algo, clients_in_parallel="8")
+
+
+def test_k1_and_k8_give_the_same_prompts(one_rank_k8, tiny_model_dir, tmp_path):
+    algo, reference = one_rank_k8
+    k1 = _run_in_process(tiny_model_dir, tmp_path / "k1", algo=algo, clients_in_parallel="1")
+    _assert_same_prompts(reference, k1)
+
+
+def test_one_and_two_ranks_give_the_same_prompts(one_rank_k8, tiny_model_dir, tmp_path):
+    algo, reference = one_rank_k8
+    out = tmp_path / "two-ranks"
+    res = subprocess.run([sys.executable, "-m", "profit_ds", "run", "--num-procs", "2",
+                          "--model", str(tiny_model_dir), "--algo", algo,
+                          "--clients-in-parallel", "8", "--output-dir", str(out), *_flags(TINY)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_prompts(reference, out)
+
+
+@pytest.fixture(scope="module")
+def bf16_backbone(tiny_model_dir, backbone):
+    from profit_ds.model.backbone import load_backbone
+    return load_backbone(str(tiny_model_dir), "bf16")
+
+
+def test_bf16_gradient_is_close_to_fp32(backbone, bf16_backbone):
+    from profit_ds.data.builtin import builtin_tasks
+    from profit_ds.data.format import to_example
+    from profit_ds.model.prompted import encode
+
+    assert next(bf16_backbone.model.parameters()).dtype == torch.bfloat16
+    tasks = builtin_tasks(instances_per_task=6)[:3]
+    rows = [(k, e) for k, t in enumerate(tasks)
+            for e in encode(backbone.tokenizer, [to_example(t, i) for i in t.instances])]
+    bank = torch.randn(len(tasks), 4, backbone.hidden_size,
+                       generator=torch.Generator().manual_seed(0)) * 0.1
+    g32, loss32 = mean_loss_gradients(backbone, bank, rows, 64)
+    g16, loss16 = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+    assert g16.dtype == torch.float32 and loss16.dtype == torch.float32  # fp32 master state
+    for k in range(len(tasks)):
+        cos = torch.nn.functional.cosine_similarity(g16[k].flatten(), g32[k].flatten(), dim=0)
+        rel = (g16[k] - g32[k]).norm() / g32[k].norm()
+        assert cos > 0.99 and rel < 0.1, f"client {k}: cosine {cos:.4f}, relative {rel:.3f}"
+    assert torch.allclose(loss16, loss32, rtol=2e-2)
+
+
+def test_bf16_run_end_to_end(tiny_model_dir, tmp_path, bf16_backbone):
+    out = _run_in_process(tiny_model_dir, tmp_path / "bf16", dtype="bf16",
+                          clients_in_parallel="auto")
+    prompts = _prompts(out)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in prompts.values())
+    assert prompts["global"].shape == (8, bf16_backbone.hidden_size)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["dtype"] == "bf16"
+    assert all(math.isfinite(r["train_loss"]) for r in results["rounds"])
