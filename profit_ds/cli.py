@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from profit_ds.errors import UsageError
+from profit_ds.errors import UsageError, explain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated prompt tuning benchmark (Profit) on a frozen ZeRO-3 backbone.")
@@ -21,11 +21,27 @@ def _register() -> None:
     from profit_ds.commands import data, models, plan, run, score  # noqa: F401
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (DeepSpeed's accelerator guess and INFO logs, deprecation
+    warnings) out of the terminal, so progress, tables and one-line errors stay readable."""
+    import logging
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips the "no GPU found" warning
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("DeepSpeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
     """Console entry point: run the app, mapping UsageError to a one-line error and exit 2."""
     debug = "--debug" in sys.argv or os.environ.get("PROFIT_DS_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    quiet_libraries()
     _register()
     try:
         app(standalone_mode=False)
@@ -39,6 +55,10 @@ def main() -> None:
         sys.exit(code)
     except Exception as err:  # click usage errors arrive here in standalone_mode=False
         import click
+        message = explain(err)
+        if message and not debug:
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
         if isinstance(err, click.ClickException) and not debug:
             err.show()
             sys.exit(2)

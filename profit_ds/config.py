@@ -26,8 +26,10 @@ class RunConfig:
     heterogeneity: str = "task"
     language: str = "English"
     positive_examples: int = 0
-    num_clients: int | None = None
-    instances_per_task: int = 100
+    num_clients: int | None = 48
+    validation_fraction: float = 1 / 6
+    test_fraction: float = 1 / 6
+    instances_per_task: int = 80
     max_per_client: int | None = None
     max_source_tokens: int | None = 256
     max_target_tokens: int | None = 64
@@ -35,17 +37,17 @@ class RunConfig:
     algo: str = "fedavg"
     rounds: int = 15
     clients_per_round: int = 6
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 8
     client_opt: str = "adam"
-    client_lr: float = 0.03
+    client_lr: float = 0.1
     server_opt: str = "sgd"
     server_lr: float = 1.0
     prompt_tokens: int | None = None  # None: 20 for the built-in model, 100 otherwise
     prompt_init: str = "vocab"
     # personalization
     personalize_opt: str = "sgd"
-    personalize_lrs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
+    personalize_lrs: list[float] = field(default_factory=lambda: [1.0, 30.0, 300.0])
     personalize_epochs: int = 3
     # evaluation
     eval_every: int = 5

@@ -81,6 +81,21 @@ def shared_prompt_scores(scores: Sequence[dict], clients: Sequence[ClientData]) 
     return out
 
 
+def check_fits(cfg: RunConfig, backbone, prompt_tokens: int) -> None:
+    """Refuse a tokenizer that does not match the model and sequences longer than its context."""
+    rows = backbone.model.config.vocab_size
+    if len(backbone.tokenizer) > rows:
+        raise UsageError(f"--model {cfg.model}: the tokenizer has {len(backbone.tokenizer)} "
+                         f"tokens but the model's embedding has {rows} rows (mismatched "
+                         "tokenizer and weights?)")
+    context = getattr(backbone.model.config, "max_position_embeddings", None)
+    longest = prompt_tokens + (cfg.max_source_tokens or 0) + (cfg.max_target_tokens or 0)
+    if context and longest > context:
+        raise UsageError(f"--prompt-tokens {prompt_tokens}: prompt + --max-source-tokens "
+                         f"{cfg.max_source_tokens} + --max-target-tokens {cfg.max_target_tokens}"
+                         f" = {longest} tokens exceed the model's context of {context}")
+
+
 def prepare_output(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -150,6 +165,8 @@ def run(cfg: RunConfig) -> dict:
     tasks = load_tasks(cfg)
     partition = build_partition(
         tasks, PartitionSpec(heterogeneity=cfg.heterogeneity, num_clients=cfg.num_clients,
+                             validation_fraction=cfg.validation_fraction,
+                             test_fraction=cfg.test_fraction,
                              max_per_client=cfg.max_per_client, seed=cfg.seed),
         FormatSpec(num_positive_examples=cfg.positive_examples))
     if cfg.clients_per_round > len(partition.train_clients):
@@ -163,6 +180,7 @@ def run(cfg: RunConfig) -> dict:
                                           warn=reporter.warn)
     backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code)
     P = cfg.resolved_prompt_tokens()
+    check_fits(cfg, backbone, P)
     data = encode_partition(backbone.tokenizer, partition, cfg.max_source_tokens,
                             cfg.max_target_tokens)
     k_parallel = clients_in_parallel(cfg, data, P)

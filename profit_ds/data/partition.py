@@ -2,7 +2,8 @@
 
 Heterogeneity is how far a client's mix of task categories is from the global mix:
 - `task`: one client per task (SNI's natural heterogeneity; with --num-clients below the number
-  of tasks, that many tasks are sampled).
+  of tasks, that many tasks are sampled; above it, each task is shared by several clients,
+  client i holding task i mod T, so test clients have tasks that train clients also hold).
 - `categories:K`: each client draws from K categories, equally weighted (K = 1: every client is
   one category, the most heterogeneous split).
 - `dirichlet:ALPHA`: each client's category mixture q ~ Dir(ALPHA * p), p the global category
@@ -162,6 +163,9 @@ def _plans(tasks: list[Task], het: Heterogeneity, n: int,
            rng: random.Random) -> tuple[list[_Pool], list[_Plan]]:
     """The pools instances come from and each client's plan, per heterogeneity kind."""
     if het.kind == "task":
+        if n > len(tasks):
+            return ([_Pool(tasks, [t]) for t in range(len(tasks))],
+                    [_Plan([i % len(tasks)]) for i in range(n)])
         chosen = sorted(rng.sample(range(len(tasks)), n)) if n < len(tasks) else range(n)
         return [_Pool(tasks, [t]) for t in chosen], [_Plan([i]) for i in range(n)]
     if het.kind == "iid":
@@ -218,9 +222,6 @@ def _client_groups(tasks: list[Task], spec: PartitionSpec,
     """(task index, instance index) pairs per client; errors instead of shrinking silently."""
     het = parse_heterogeneity(spec.heterogeneity)
     n = spec.num_clients or len(tasks)
-    if het.kind == "task" and n > len(tasks):
-        raise UsageError(f"--num-clients {n}: --heterogeneity task makes one client per task "
-                         f"and there are only {len(tasks)} tasks")
     quota = min(spec.max_per_client or spec.max_instances, spec.max_instances // n)
     if quota < 2:
         raise UsageError(f"--num-clients {n}: a cap of {spec.max_instances} instances leaves "
@@ -264,6 +265,7 @@ def build_partition(tasks: list[Task], spec: PartitionSpec = PartitionSpec(),
     split_of = _assign_splits(len(groups), spec, rng)
     width = max(3, len(str(len(groups) - 1)))
     single_task = parse_heterogeneity(spec.heterogeneity).kind == "task"
+    shared = single_task and len(groups) > len(tasks)  # several clients per task
 
     clients: dict[str, list[Client]] = {"train": [], "validation": [], "test": []}
     manifest_clients = []
@@ -271,7 +273,8 @@ def build_partition(tasks: list[Task], spec: PartitionSpec = PartitionSpec(),
         examples = [to_example(tasks[t], tasks[t].instances[j], fmt) for t, j in group]
         n_local_test = min(len(examples) - 1,
                            max(1, round(len(examples) * spec.client_test_fraction)))
-        name = examples[0].task if single_task else f"client{idx:0{width}d}"
+        name = (f"{examples[0].task}-part{idx // len(tasks)}" if shared else
+                examples[0].task if single_task else f"client{idx:0{width}d}")
         client = Client(name=name, split=split_of[idx], train=examples[n_local_test:],
                         test=examples[:n_local_test])
         clients[client.split].append(client)

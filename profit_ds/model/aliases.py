@@ -16,7 +16,7 @@ from profit_ds.model.builtin import BUILTIN_DIR, BUILTIN_NAMES
 # Hub organisations whose every repo asks users to accept a licence before downloading.
 GATED_ORGS = ("meta-llama/", "mistralai/")
 
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # org/name: a bare word is far likelier a typo
 _AUTH_REFUSAL = re.compile(r"gated repo|\b40[13]\b")
 
 
@@ -118,8 +118,8 @@ def resolve_model(name: str) -> ModelRef:
     if name.startswith(("/", ".", "~")):
         raise UsageError(f"--model {name}: no such file or directory")
     if not _HUB_ID.match(name):
-        raise UsageError(f"--model {name}: not an alias ({', '.join(ALIASES)}), "
-                         "an existing path or a hub id like org/name")
+        raise UsageError(f"--model {name}: not an alias ({', '.join(ALIASES)}; "
+                         "see profit-ds models), an existing path or a hub id like org/name")
     return ModelRef(name, "hub", name, _alias_by_hf_id(name))
 
 
