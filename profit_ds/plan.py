@@ -24,6 +24,7 @@ weights + gathered terms (it assumes an optimizer; only its parameter part appli
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -142,13 +143,31 @@ def model_config(name: str):
                          f"({str(err).splitlines()[0]}); {hint}") from None
 
 
+@contextlib.contextmanager
+def _without_zero_init():
+    """Hide a registered ZeRO-3 config from transformers for a moment.
+
+    While a backbone is loaded in this process (tests, or a planning call inside a run),
+    transformers builds every model inside `deepspeed.zero.Init`, which ignores the meta device
+    and would materialize a 7B model in host memory.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def shape_of(config, name: str) -> ModelShape:
     """Instantiate the architecture on the meta device (nothing allocated) and measure it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta"):
+        with _without_zero_init(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as err:  # a config transformers has no causal LM for
         raise UsageError(f"--model {name}: {str(err).splitlines()[0]}") from None

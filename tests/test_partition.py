@@ -97,7 +97,7 @@ def test_seed_determines_the_manifest(sni):
 
 
 @pytest.mark.parametrize("spec, message", [
-    (PartitionSpec(heterogeneity="task", num_clients=100), "only 24 tasks"),
+    (PartitionSpec(heterogeneity="task", num_clients=1000), "fewer than the 2"),
     (PartitionSpec(heterogeneity="iid", num_clients=1000), "fewer than the 2"),
     (PartitionSpec(heterogeneity="categories:9"), "only 8 categories"),
     (PartitionSpec(heterogeneity="task", num_clients=2), "too few"),
@@ -106,6 +106,20 @@ def test_seed_determines_the_manifest(sni):
 def test_fewer_clients_than_asked_is_an_error(sni, spec, message):
     with pytest.raises(UsageError, match=message):
         build_partition(sni, spec)
+
+
+def test_task_clients_share_tasks_when_there_are_more_clients_than_tasks(sni):
+    part = build_partition(sni, PartitionSpec(heterogeneity="task", num_clients=48, seed=3))
+    clients = part.train_clients + part.validation_clients + part.test_clients
+    assert len(clients) == 48 and len({c.name for c in clients}) == 48
+    by_task: dict[str, set[str]] = {}
+    for c in clients:
+        tasks = {e.task for e in c.train + c.test}
+        assert len(tasks) == 1  # still one task per client
+        by_task.setdefault(tasks.pop(), set()).update(e.id for e in c.train + c.test)
+    assert len(by_task) == 24
+    ids = [e.id for c in clients for e in c.train + c.test]
+    assert len(ids) == len(set(ids))  # a task's instances are split, never duplicated
 
 
 @pytest.mark.parametrize("text", ["", "task:1", "iid:2", "categories:0", "categories:x",
