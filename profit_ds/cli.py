@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _register() -> None:
     """Import command modules; each decorates its function onto `app`."""
-    from profit_ds.commands import data, models, plan, run, score  # noqa: F401
+    from profit_ds.commands import data, export, models, plan, run, score  # noqa: F401
 
 
 def quiet_libraries() -> None:

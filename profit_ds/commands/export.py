@@ -1,0 +1,20 @@
+"""`profit-ds export RUN_DIR OUT`: a run's prompt as a PEFT prompt-tuning adapter."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from profit_ds.cli import app
+from profit_ds.export import export_run
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A finished run's --output-dir."),
+           out: Path = typer.Argument(..., help="Directory for the PEFT adapter."),
+           client: Optional[str] = typer.Option(None, help="A test client's personalized prompt instead of the global one."),
+           lr: Optional[float] = typer.Option(None, help="Which personalization lr (when the client has several).")) -> None:
+    """Export the global (or a personalized) prompt for PeftModel.from_pretrained."""
+    path = export_run(run_dir, out, client, lr)
+    print(f"wrote a PEFT prompt-tuning adapter to {path}")
