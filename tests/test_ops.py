@@ -197,8 +197,8 @@ def test_persistent_parameters_follow_the_config():
     assert planning.persistent_params(shape, gpu) == (2 * 32 + 1) * 4096  # the RMSNorm weights
 
 
-def test_activation_estimate_matches_saved_tensors():
-    """The 8D + 3I rule against what autograd really saves, frozen weights, SDPA attention."""
+def _saved_and_estimated_activation_bytes() -> tuple[int, int]:
+    """What autograd really saves for a frozen-weight forward, and the planner's estimate."""
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688,
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                          attn_implementation="sdpa")
@@ -222,7 +222,20 @@ def test_activation_estimate_matches_saved_tensors():
         torch.nn.functional.cross_entropy(logits.reshape(-1, 512), ids[:, -labels:].reshape(-1))
     estimate = planning.activation_bytes(planning.shape_of(config, "small"), rows,
                                          tokens + prompt, labels)
-    assert 0.9 < sum(saved.values()) / estimate < 1.1
+    return sum(saved.values()), estimate
+
+
+def test_activation_estimate_matches_saved_tensors():
+    """The 8D + 3I rule against what autograd really saves, frozen weights, SDPA attention.
+
+    Measured in a fresh process: once a ZeRO-3 engine exists in this one (other tests),
+    DeepSpeed's patched linear layers save extra tensors and the count means something else.
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        saved, estimate = pool.apply(_saved_and_estimated_activation_bytes)
+    assert 0.9 < saved / estimate < 1.1
 
 
 # --------------------------------------------------------------------------- Dockerfile

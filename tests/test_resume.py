@@ -87,6 +87,7 @@ def test_sigkill_then_resume_matches_uninterrupted(phase, ready, tiny_model_dir,
     # scores are identical; a record's mean training loss may differ in the 7th digit (it is a
     # forward-pass value, and the prompts above are bit-identical, so no training differs)
     for a, b in zip(got["personalized"], uninterrupted["personalized"], strict=True):
+        a, b = dict(a), dict(b)  # the fixture is shared by both phases: don't mutate it
         assert a.pop("train_loss") == pytest.approx(b.pop("train_loss"), rel=1e-5)
         assert a == b
 
