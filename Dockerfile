@@ -40,6 +40,7 @@ RUN pip install --no-cache-dir \
     "rich==15.0.0" \
     "safetensors==0.8.0" \
     "pyyaml==6.0.3" \
+    "matplotlib==3.11.2" \
     .
 
 WORKDIR /workspace
