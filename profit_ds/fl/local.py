@@ -21,16 +21,22 @@ Schedule = Sequence[Sequence[Encoded]]  # one client's local steps, each a batch
 def run_local_steps(backbone: Backbone, bank: torch.Tensor, opt: ClientOptimizer,
                     state: ClientOptState, lr: torch.Tensor, schedules: Sequence[Schedule],
                     rows_per_forward: int | None = None,
-                    after_step: Callable[[], None] | None = None
+                    after_step: Callable[[], None] | None = None,
+                    grad_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every client's schedule; returns the new bank and each client's mean training loss
-    over its steps (`[K]`)."""
+    over its steps (`[K]`).
+
+    `grad_penalty(bank)` is added to the loss gradients before each step (a regularizer's
+    gradient, e.g. personalization's proximal term); the reported losses exclude it."""
     k = bank.shape[0]
     loss_total = torch.zeros(k)
     for t in range(max((len(s) for s in schedules), default=0)):
         active = torch.tensor([t < len(s) for s in schedules])
         rows = [(c, e) for c, s in enumerate(schedules) if t < len(s) for e in s[t]]
         grads, losses = mean_loss_gradients(backbone, bank, rows, rows_per_forward or len(rows))
+        if grad_penalty:
+            grads = grads + grad_penalty(bank)
         bank = client_step(opt, bank, grads, state, active, lr)
         loss_total += torch.where(active, losses, torch.zeros_like(losses))
         if after_step:

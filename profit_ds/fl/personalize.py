@@ -4,6 +4,12 @@ For each learning rate of the grid and for `epochs` epochs; after every epoch th
 is scored on its own local test set (personalization) and on the global test set (robustness),
 Profit's trade-off. All (client, lr) pairs are independent, so they run as one prompt bank,
 `k_parallel` at a time, and their evaluations share generation batches.
+
+Two optional ways to hold a client near the federated prompt (Profit's regularizers):
+`prox_lambda` adds the proximal gradient lambda * (p - p_global) to every step
+(lambda/2 ||p - p_global||^2), and `alphas` scores the interpolated prompts
+a * p_local + (1 - a) * p_global after every epoch, in the same generation batches. With the
+defaults (0, no alphas) the computation is exactly plain personalization.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ class PersonalizeSpec:
     epochs: int
     batch_size: int
     seed: int
+    prox_lambda: float = 0.0
+    alphas: Sequence[float] = ()
 
 
 Prompts = dict[str, dict[float, torch.Tensor]]  # client name -> lr -> final prompt
@@ -51,27 +59,49 @@ def personalize(backbone: Backbone, prompt: torch.Tensor, clients: Sequence[Clie
     for group in chunks(pairs, k_parallel):
         bank = prompt.unsqueeze(0).repeat(len(group), 1, 1)
         state = init_client_state(spec.opt, bank)
+        penalty = (lambda b: spec.prox_lambda * (b - prompt)) if spec.prox_lambda else None
         lr = torch.tensor([lr for _, lr in group], dtype=torch.float32)
         for epoch in range(1, spec.epochs + 1):
             schedules = [[[c.train[i] for i in batch] for batch in local_batches(
                 c.num_examples, 1, spec.batch_size,
                 f"{spec.seed}/personalize/{c.name}/lr{lr_}/epoch{epoch}")] for c, lr_ in group]
-            bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules)
-            requests = [(k, c.test) for k, (c, _) in enumerate(group)]
-            requests += [(k, global_test) for k in range(len(group))]
-            scores = evaluate(bank, requests)
+            bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules,
+                                           grad_penalty=penalty)
+            scored = interpolate(bank, prompt, spec.alphas)
+            owners = [c for c, _ in group] * (1 + len(spec.alphas))
+            requests = [(r, c.test) for r, c in enumerate(owners)]
+            requests += [(r, global_test) for r in range(len(owners))]
+            scores = evaluate(scored, requests)
             for k, (c, lr_) in enumerate(group):
-                records.append({"client": c.name, "lr": lr_, "epoch": epoch,
-                                "train_loss": float(losses[k]),
-                                "local_rouge_l": scores[k]["rouge_l"],
-                                "local_exact_match": scores[k]["exact_match"],
-                                "global_rouge_l": scores[len(group) + k]["rouge_l"],
-                                "global_exact_match": scores[len(group) + k]["exact_match"]})
+                record = {"client": c.name, "lr": lr_, "epoch": epoch,
+                          "train_loss": float(losses[k]), **_row_scores(scores, len(owners), k)}
+                if spec.alphas:
+                    record["interpolated"] = [
+                        {"alpha": a, **_row_scores(scores, len(owners), (j + 1) * len(group) + k)}
+                        for j, a in enumerate(spec.alphas)]
+                records.append(record)
         for k, (c, lr_) in enumerate(group):
             prompts[c.name][lr_] = bank[k].clone()
         if on_group_done:
             on_group_done(records, prompts)
     return records, prompts
+
+
+def interpolate(bank: torch.Tensor, prompt: torch.Tensor, alphas: Sequence[float]
+                ) -> torch.Tensor:
+    """`bank` followed by a * bank + (1 - a) * prompt for each a: one bank, so the
+    interpolated prompts are scored in the same generation batches as the local ones.
+    a = 0 gives `prompt` and a = 1 gives `bank` exactly (x * 1 + p * 0 == x in floats)."""
+    if not alphas:
+        return bank
+    return torch.cat([bank] + [a * bank + (1 - a) * prompt for a in alphas])
+
+
+def _row_scores(scores: Sequence[dict], rows: int, r: int) -> dict:
+    """Bank row r's scores, given requests ordered [every row's local set, every row's global]."""
+    local, glob = scores[r], scores[rows + r]
+    return {"local_rouge_l": local["rouge_l"], "local_exact_match": local["exact_match"],
+            "global_rouge_l": glob["rouge_l"], "global_exact_match": glob["exact_match"]}
 
 
 def summarize(records: Sequence[dict]) -> list[dict]:

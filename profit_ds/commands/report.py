@@ -1,0 +1,41 @@
+"""`profit-ds report RUN_DIR...`: tables, PNG plots and a CSV of every point of finished runs.
+
+Why: a run's results.json holds the trade-off in numbers; comparing runs and reading the
+trade-off needs the curves, and further analysis needs the points in one flat file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from profit_ds.cli import app
+from profit_ds.commands.personalize import points_table, selection_table
+from profit_ds.errors import UsageError
+from profit_ds.plots import read_run, write_report
+from profit_ds.report import federated_table, personalization_table
+
+
+@app.command()
+def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --output-dir."),
+           out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and points.csv (default: RUN_DIR/report for one run)."),
+           ) -> None:
+    """Print each run's tables; write trade-off, rounds, per-client (and study) plots and
+    points.csv."""
+    if out is None:
+        if len(run_dirs) > 1:
+            raise UsageError("--out: give a directory when reporting several runs")
+        out = run_dirs[0] / "report"
+    runs = [read_run(d) for d in run_dirs]
+    console = Console()
+    for run in runs:
+        console.rule(run.name)
+        console.print(federated_table(run.results))
+        console.print(personalization_table(run.results))
+        if run.study:
+            console.print(points_table(run.study))
+            console.print(selection_table(run.study))
+    for path in write_report(runs, out):
+        console.print(f"wrote {path}")

@@ -1,0 +1,126 @@
+"""The personalization study (issue 5) on a tiny finished run: the identities the proximal
+term and interpolation must satisfy whatever the model, model selection, and `report`'s files."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from profit_ds import io
+from profit_ds.config import resolve
+from profit_ds.evaluation.generate import evaluate
+from profit_ds.fl.optim import ClientOptimizer
+from profit_ds.fl.personalize import PersonalizeSpec, personalize
+from profit_ds.plots import CSV_COLUMNS
+from profit_ds.runner import run
+from profit_ds.study import StudyGrid, load_run, run_study
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory, backbone):
+    """A tiny run (2 rounds, lr 5 personalization) and the same run rebuilt by `load_run`."""
+    out = tmp_path_factory.mktemp("study_run")
+    cfg = resolve(None, dict(model=str(tiny_model_dir), rounds=2, clients_per_round=2,
+                             num_clients=12, instances_per_task=6, personalize_lrs=[5.0],
+                             personalize_epochs=1, eval_every=1, output_dir=str(out),
+                             clients_in_parallel="8", prompt_tokens=4, max_new_tokens=4))
+    return out, run(cfg), load_run(out)
+
+
+def _personalize(loaded, lrs=(5.0,), epochs=1, batch_size=None, **kw):
+    """Personalize the rebuilt run's test clients (by default at lr 5 for one epoch, like the
+    run did)."""
+    spec = PersonalizeSpec(ClientOptimizer("sgd"), lrs, epochs,
+                           batch_size or loaded.cfg.batch_size, loaded.cfg.seed, **kw)
+
+    def score(bank, requests):
+        return evaluate(loaded.backbone, bank, requests, loaded.new_tokens, 64)
+    return personalize(loaded.backbone, loaded.prompt, loaded.data.test_clients,
+                       loaded.data.global_test, spec, 8, score)
+
+
+def test_lambda_zero_is_plain_personalization(finished):
+    """The study rebuilds the run exactly: lambda 0 gives the run's own prompts, bit for bit."""
+    out, _, loaded = finished
+    _, prompts = _personalize(loaded, prox_lambda=0.0)
+    for name, by_lr in prompts.items():
+        with safe_open(out / "clients" / f"{name}.safetensors", "pt") as f:
+            assert torch.equal(by_lr[5.0], f.get_tensor("lr=5"))
+
+
+def test_huge_lambda_keeps_the_global_prompt(finished):
+    """lambda 1e4 with lr 1e-4 (lr * lambda = 1): each step lands at p_global - lr * grad,
+    while plain SGD keeps adding steps (several per epoch with batches of 2)."""
+    _, _, loaded = finished
+    _, plain = _personalize(loaded, lrs=(1e-4,), epochs=2, batch_size=2)
+    _, prox = _personalize(loaded, lrs=(1e-4,), epochs=2, batch_size=2, prox_lambda=1e4)
+    for name in prox:
+        moved = (plain[name][1e-4] - loaded.prompt).norm()
+        held = (prox[name][1e-4] - loaded.prompt).norm()
+        assert held <= 1e-4 * loaded.prompt.norm() and held < moved / 2
+
+
+def test_interpolation_endpoints_reproduce_global_and_local_scores(finished):
+    _, results, loaded = finished
+    records, _ = _personalize(loaded, alphas=(0.0, 0.5, 1.0))
+    fed = results["global"]
+    for rec in records:
+        at = {i["alpha"]: i for i in rec["interpolated"]}
+        for metric in ("local_rouge_l", "global_rouge_l", "local_exact_match",
+                       "global_exact_match"):
+            assert at[1.0][metric] == rec[metric]
+        assert at[0.0]["local_rouge_l"] == pytest.approx(fed["clients"][rec["client"]], abs=1e-9)
+        assert at[0.0]["global_rouge_l"] == pytest.approx(fed["global_rouge_l"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def study(finished):
+    out, _, loaded = finished
+    grid = StudyGrid(lrs=(0.0, 5.0), epochs=1, prox_lambdas=(0.0, 0.1), alphas=(0.0, 0.5))
+    result = run_study(loaded, grid)
+    io.write_json(out / "study.json", result)
+    return result
+
+
+def test_selection_follows_the_recorded_rule(study):
+    sel = study["selected"]
+    assert "validation" in sel["rule"] and set(study["federated"]) == {"test", "validation"}
+    floor = study["federated"]["validation"]["global_rouge_l"] - 1.0
+    val = [p for p in study["points"] if p["split"] == "validation"]
+    eligible = [p for p in val if p["global_rouge_l"] >= floor]
+    assert eligible, "alpha 0 is the federated prompt itself, so it always qualifies"
+    assert sel["chosen_on"]["local_rouge_l"] == max(p["local_rouge_l"] for p in eligible)
+    assert sel["test"]["split"] == "test"
+    assert all(sel["test"][k] == v for k, v in sel["setting"].items())
+    # 2 lrs x 2 lambdas x 1 epoch x alphas {0, 0.5, 1} per split
+    assert len(val) == len(study["points"]) / 2 == 12
+
+
+def test_report_writes_pngs_and_csv(finished, study, tmp_path):
+    from profit_ds.cli import _register, app
+    _register()
+    out, results, _ = finished
+    res = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    name = out.resolve().name
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == sorted(f"{name}_{kind}.png" for kind in
+                          ("tradeoff", "rounds", "clients", "regularization", "interpolation"))
+    for png in tmp_path.glob("*.png"):
+        data = png.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+    with (tmp_path / "points.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    sources = [r["source"] for r in rows]
+    assert sources.count("federated") == 1
+    assert sources.count("personalized") == len(results["personalized"])
+    assert sources.count("personalized_client") == len(results["personalized_clients"])
+    assert sources.count("study") == len(study["points"])
+    assert json.loads((out / "study.json").read_text())["selected"] == study["selected"]
