@@ -1,6 +1,7 @@
 """Results must not depend on how the work is scheduled: the number of clients per batched step
-(K) or the number of ranks only change float rounding (DESIGN.md point 3). And the bf16 backbone
-must train the fp32 prompt in the same direction as the fp32 backbone.
+(K) or the number of ranks only change float rounding (DESIGN.md point 3), nor on computing each
+client's prompt once per step instead of once per row. And the bf16 backbone must train the fp32
+prompt in the same direction as the fp32 backbone.
 
 Every run here is tiny (2-layer, 32-wide model; 4 clients of 8 examples; 2 rounds; 2-token
 generations): the point is the comparison, not the scores.
@@ -18,7 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from profit_ds.config import resolve
+from profit_ds.data.builtin import builtin_tasks
+from profit_ds.data.format import to_example
 from profit_ds.fl.gradients import mean_loss_gradients
+from profit_ds.model.prompted import IGNORE, Encoded, client_loss_sums, collate, encode
 from profit_ds.runner import run
 
 RTOL = 1e-5
@@ -62,6 +66,17 @@ def _assert_same_prompts(a: Path, b: Path) -> None:
         assert rel < RTOL, f"{name}: relative difference {rel:.2e}"
 
 
+def _rows(tokenizer, clients: int) -> list[tuple[int, Encoded]]:
+    """(client, example) rows of the first built-in tasks, one client per task."""
+    tasks = builtin_tasks(instances_per_task=6)[:clients]
+    return [(k, e) for k, t in enumerate(tasks)
+            for e in encode(tokenizer, [to_example(t, i) for i in t.instances])]
+
+
+def _bank(k: int, hidden: int) -> torch.Tensor:
+    return torch.randn(k, 4, hidden, generator=torch.Generator().manual_seed(0)) * 0.1
+
+
 def _run_in_process(model_dir: Path, out: Path, **settings) -> Path:
     run(resolve(None, dict(model=str(model_dir), output_dir=str(out), **TINY, **settings)))
     return out
@@ -93,6 +108,28 @@ def test_one_and_two_ranks_give_the_same_prompts(one_rank_k8, tiny_model_dir, tm
     _assert_same_prompts(reference, out)
 
 
+def test_shared_prompt_pass_equals_the_concatenated_sequence(reference_model, backbone):
+    """client_loss_sums computes each client's prompt once and reuses its KV cache for the
+    client's rows; the loss and prompt gradient must equal the textbook forward of
+    `[prompt ; tokens]` per row through the whole model."""
+    rows = _rows(backbone.tokenizer, clients=3)
+    batch = collate([e for _, e in rows], [c for c, _ in rows], backbone.tokenizer.pad_token_id)
+    bank = _bank(4, backbone.hidden_size).requires_grad_(True)  # client 3 has no rows
+    ours = client_loss_sums(reference_model, bank, batch)
+    (ours_grad,) = torch.autograd.grad(ours.sum(), bank)
+    embeds = reference_model.get_input_embeddings()(batch.input_ids)
+    mask = torch.cat([torch.ones(len(rows), bank.shape[1], dtype=torch.long),
+                      batch.attention_mask], dim=1)
+    logits = reference_model(inputs_embeds=torch.cat([bank[batch.row_client], embeds], dim=1),
+                             attention_mask=mask).logits[:, bank.shape[1]:-1]
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels[:, 1:],
+                                                   ignore_index=IGNORE, reduction="none")
+    textbook = torch.zeros(4).index_add(0, batch.row_client, token_loss.sum(1))
+    (textbook_grad,) = torch.autograd.grad(textbook.sum(), bank)
+    assert torch.allclose(ours, textbook, rtol=1e-5)
+    assert float((ours_grad - textbook_grad).norm() / textbook_grad.norm()) < RTOL
+
+
 @pytest.fixture(scope="module")
 def bf16_backbone(tiny_model_dir, backbone):
     from profit_ds.model.backbone import load_backbone
@@ -100,20 +137,13 @@ def bf16_backbone(tiny_model_dir, backbone):
 
 
 def test_bf16_gradient_is_close_to_fp32(backbone, bf16_backbone):
-    from profit_ds.data.builtin import builtin_tasks
-    from profit_ds.data.format import to_example
-    from profit_ds.model.prompted import encode
-
     assert next(bf16_backbone.model.parameters()).dtype == torch.bfloat16
-    tasks = builtin_tasks(instances_per_task=6)[:3]
-    rows = [(k, e) for k, t in enumerate(tasks)
-            for e in encode(backbone.tokenizer, [to_example(t, i) for i in t.instances])]
-    bank = torch.randn(len(tasks), 4, backbone.hidden_size,
-                       generator=torch.Generator().manual_seed(0)) * 0.1
+    rows = _rows(backbone.tokenizer, clients=3)
+    bank = _bank(3, backbone.hidden_size)
     g32, loss32 = mean_loss_gradients(backbone, bank, rows, 64)
     g16, loss16 = mean_loss_gradients(bf16_backbone, bank, rows, 64)
     assert g16.dtype == torch.float32 and loss16.dtype == torch.float32  # fp32 master state
-    for k in range(len(tasks)):
+    for k in range(3):
         cos = torch.nn.functional.cosine_similarity(g16[k].flatten(), g32[k].flatten(), dim=0)
         rel = (g16[k] - g32[k]).norm() / g32[k].norm()
         assert cos > 0.99 and rel < 0.1, f"client {k}: cosine {cos:.4f}, relative {rel:.3f}"
