@@ -1,0 +1,576 @@
+"""Benchmark: federated prompt tuning throughput and memory, profit-ds against a plain PEFT loop.
+
+One run measures every variant side by side on the same workload: the same random-init 4-layer,
+512-wide Llama (built-in tokenizer), the built-in suite's train clients, the same initial prompt,
+the same FedAvg rounds (Adam clients, example-weighted averaging), the same local batches:
+
+- `peft`: what OpenFedLLM does: `get_peft_model` with PromptTuningConfig, and for each client
+  load the global prompt, make a fresh torch optimizer, train, read the prompt back;
+  sequentially, in plain PyTorch. With N ranks each rank takes 1/N of the clients and holds a
+  whole copy of the model (client parallelism: the straightforward way to use N workers).
+- `K=1`, `K=auto`: profit-ds (`federated_round`) on a ZeRO-3 backbone sharded over N ranks,
+  one client per batched step, or as many as `--clients-in-parallel auto` picks.
+
+Each (variant, ranks) pair runs in fresh processes (peak RSS is per variant); N ranks are N
+processes with RANK/WORLD_SIZE set, as a launcher would. The GEMM peak is measured first, in
+this process, in the benchmark's dtype, on all cores: MFU = model FLOPs / s / that peak.
+
+    python scripts/bench.py --write-docs docs/BENCHMARKS.md     (or: profit-ds bench ...)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata as md
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from statistics import mean
+from typing import Callable, Sequence
+
+import torch
+
+SECTION = "## Training and generation"
+VARIANTS = ("K=1", "K=auto", "peft")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything that defines the work of a round: identical for every variant."""
+
+    model_dir: str
+    dtype: str = "fp32"
+    instances_per_task: int = 40
+    clients_per_round: int = 12
+    batch_size: int = 8
+    local_epochs: int = 1
+    client_lr: float = 0.03
+    prompt_tokens: int = 20
+    rounds: int = 2          # timed rounds, after one warm-up round
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
+
+
+# ---------------------------------------------------------------- workload and its arithmetic
+
+def build_model(out: Path) -> None:
+    """The benchmark backbone: random init (its quality is irrelevant to speed), 4 layers,
+    512 wide, the built-in tokenizer's ~1k vocabulary."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from profit_ds.model.builtin import BUILTIN_DIR
+
+    tok = AutoTokenizer.from_pretrained(BUILTIN_DIR)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def initial_prompt(model_dir: str, num_tokens: int, seed: int) -> torch.Tensor:
+    """One fp32 prompt every variant starts from (Gaussian at the embeddings' scale)."""
+    from safetensors import safe_open
+
+    with safe_open(Path(model_dir) / "model.safetensors", "pt") as f:
+        table = f.get_tensor("model.embed_tokens.weight").float()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tokens, table.shape[1], generator=gen) * table.std()
+
+
+def load_data(tokenizer, w: Workload):
+    """The built-in suite, one client per task, tokenized as `profit-ds run` does."""
+    from profit_ds.data.builtin import builtin_tasks
+    from profit_ds.data.format import FormatSpec
+    from profit_ds.data.partition import PartitionSpec, build_partition
+    from profit_ds.fl.clients import encode_partition
+
+    partition = build_partition(builtin_tasks(instances_per_task=w.instances_per_task),
+                                PartitionSpec(heterogeneity="task", seed=w.seed), FormatSpec())
+    return encode_partition(tokenizer, partition, 256, 64)
+
+
+def round_clients(data, w: Workload, round_idx: int) -> list:
+    from profit_ds.fl.rounds import sample_clients
+
+    picked = sample_clients(len(data.train_clients), w.clients_per_round, w.seed, round_idx)
+    return [data.train_clients[i] for i in picked]
+
+
+def attention_flops(config, queries: int, keys: int) -> float:
+    """Scores and weighted values, forward (4*q*k*D per layer) and backward (twice that)."""
+    return 12 * config.num_hidden_layers * queries * keys * config.hidden_size
+
+
+def linear_flops(config, tokens: int) -> float:
+    """Every weight matrix, forward (2 per weight per token) and backward to the inputs only
+    (2 more: the backbone is frozen, so no weight gradients)."""
+    d = config.hidden_size
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size
+    return 4 * tokens * config.num_hidden_layers * per_layer
+
+
+def step_flops(config, prompt_tokens: int, rows: Sequence) -> float:
+    """Model FLOPs of one client's local step: the work the math requires, counted the same
+    for every variant. The prompt's positions once (they are the same for all of the step's
+    rows), each row's tokens attending to the prompt and to themselves, and the LM head at
+    label positions only (4 per vocabulary entry per label). Recomputing the prompt per row,
+    padding and LM-head work at other positions are waste, not counted."""
+    total = linear_flops(config, prompt_tokens) + attention_flops(config, prompt_tokens,
+                                                                  prompt_tokens)
+    for e in rows:
+        n = len(e.source) + len(e.target)
+        total += (linear_flops(config, n) + attention_flops(config, n, prompt_tokens + n)
+                  + 4 * len(e.target) * config.hidden_size * config.vocab_size)
+    return total
+
+
+def round_work(data, w: Workload, round_idx: int, config) -> tuple[int, float]:
+    """Text tokens (source + target, every epoch) and model FLOPs of one round."""
+    from profit_ds.fl.clients import local_batches
+
+    tokens, flops = 0, 0.0
+    for c in round_clients(data, w, round_idx):
+        for idx in local_batches(c.num_examples, w.local_epochs, w.batch_size,
+                                 f"{w.seed}/round{round_idx}/{c.name}"):
+            rows = [c.train[i] for i in idx]
+            tokens += sum(len(e.source) + len(e.target) for e in rows)
+            flops += step_flops(config, w.prompt_tokens, rows)
+    return tokens, flops
+
+
+def gemm_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048, 4096),
+              reps: int = 5) -> float:
+    """Best FLOP/s of square matmuls in `dtype` on all cores: the denominator of MFU."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------- the variants (one per process)
+
+def timed_rounds(w: Workload, run_round: Callable[[int, torch.Tensor], torch.Tensor],
+                 prompt: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+    """One warm-up round, then `w.rounds` timed ones; every rank calls it in step."""
+    from profit_ds import distributed
+
+    seconds = []
+    for r in range(1, w.rounds + 2):
+        distributed.barrier()
+        t = time.perf_counter()
+        prompt = run_round(r, prompt)
+        distributed.barrier()
+        seconds.append(time.perf_counter() - t)
+    return seconds[1:], prompt
+
+
+def profit_ds_worker(w: Workload, k: str, prompt: torch.Tensor) -> dict:
+    """profit-ds's own round on a ZeRO-3 backbone, then batched vs client-by-client generation."""
+    from profit_ds.config import RunConfig
+    from profit_ds.fl.optim import ClientOptimizer
+    from profit_ds.fl.rounds import RoundSpec, federated_round
+    from profit_ds.fl.server import ServerOptimizer, ServerState
+    from profit_ds.model.backbone import load_backbone
+    from profit_ds.runner import clients_in_parallel
+
+    backbone = load_backbone(w.model_dir, w.dtype)
+    data = load_data(backbone.tokenizer, w)
+    cfg = RunConfig(clients_in_parallel=k, batch_size=w.batch_size)
+    k_parallel = clients_in_parallel(cfg, data, w.prompt_tokens)
+    spec = RoundSpec("fedavg", ClientOptimizer("adam"), w.client_lr, w.local_epochs,
+                     w.batch_size, ServerOptimizer("sgd", 1.0), w.clients_per_round, w.seed)
+    state = ServerState()
+    seconds, prompt = timed_rounds(w, lambda r, p: federated_round(
+        backbone, p, state, data.train_clients, spec, r, k_parallel)[0], prompt)
+    result = {"k": k_parallel, "seconds": seconds, "prompt": prompt.tolist(),
+              "peak_rss": peak_rss_bytes(),
+              "resident_bytes": backbone.resident_parameter_bytes(),
+              "total_bytes": sum(p.ds_numel * p.element_size()
+                                 for p in backbone.model.parameters())}
+    if k == "auto":
+        result["generation"] = generation_rates(backbone, data, prompt)
+    return result
+
+
+def generation_rates(backbone, data, prompt: torch.Tensor) -> dict:
+    """Examples/s scoring every test client's own prompt on its test set: all clients in
+    shared batches (profit-ds) vs one `generate` per client (a per-client loop)."""
+    from profit_ds import distributed
+    from profit_ds.config import RunConfig
+    from profit_ds.evaluation.generate import evaluate
+    from profit_ds.runner import max_new_tokens
+
+    clients = data.test_clients
+    gen = torch.Generator().manual_seed(1)
+    bank = prompt + 0.01 * torch.randn(len(clients), *prompt.shape, generator=gen)
+    new_tokens = max_new_tokens(RunConfig(), data, backbone.tokenizer)
+    rows = RunConfig().eval_batch_size
+    examples = sum(len(c.test) for c in clients)
+
+    def rate(work: Callable[[], None]) -> float:
+        distributed.barrier()
+        t = time.perf_counter()
+        work()
+        return examples / (time.perf_counter() - t)
+
+    evaluate(backbone, bank, [(0, clients[0].test)], new_tokens, rows)  # warm-up
+    batched = rate(lambda: evaluate(backbone, bank, [(k, c.test) for k, c in enumerate(clients)],
+                                    new_tokens, rows))
+    one_by_one = rate(lambda: [evaluate(backbone, bank[k: k + 1], [(0, c.test)], new_tokens, rows)
+                               for k, c in enumerate(clients)])
+    return {"batched": batched, "per_client": one_by_one, "examples": examples,
+            "max_new_tokens": new_tokens}
+
+
+def peft_worker(w: Workload, prompt: torch.Tensor) -> dict:
+    """The straightforward loop, plain PyTorch: per client, load the global prompt into the PEFT
+    model, fresh Adam, train its local steps, read the prompt back; average. At N ranks it is
+    data parallel as DDP would run it: each rank holds the whole model, takes its share of
+    every batch, and the prompt gradient is summed over ranks before each step."""
+    import torch.distributed as dist
+    from peft import (PromptTuningConfig, get_peft_model, get_peft_model_state_dict,
+                      set_peft_model_state_dict)
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from profit_ds import distributed
+    from profit_ds.fl.clients import local_batches
+    from profit_ds.model.prompted import collate
+
+    distributed.share_cpu_threads()
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    tokenizer = AutoTokenizer.from_pretrained(w.model_dir)
+    base = LlamaForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype).eval()
+    base.requires_grad_(False)
+    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM",
+                                                    num_virtual_tokens=w.prompt_tokens))
+    data = load_data(tokenizer, w)
+
+    def backward(examples: list) -> None:
+        """This rank's share of the batch, its loss scaled to the whole batch's mean."""
+        mine = examples[distributed.my_slice(len(examples))]
+        if not mine:  # fewer rows than ranks: a zero gradient, still summed with the others
+            (sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0).backward()
+            return
+        batch = collate(mine, [0] * len(mine), tokenizer.pad_token_id)
+        share = sum(len(e.target) for e in mine) / sum(len(e.target) for e in examples)
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     labels=batch.labels).loss
+        (loss * share).backward()
+
+    def train_client(client, global_prompt: torch.Tensor, round_idx: int) -> torch.Tensor:
+        set_peft_model_state_dict(model, {"prompt_embeddings": global_prompt})
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=w.client_lr)
+        for idx in local_batches(client.num_examples, w.local_epochs, w.batch_size,
+                                 f"{w.seed}/round{round_idx}/{client.name}"):
+            backward([client.train[i] for i in idx])
+            distributed.all_reduce_sum(*(p.grad for p in params))
+            opt.step()
+            opt.zero_grad()
+        return get_peft_model_state_dict(model)["prompt_embeddings"].float()
+
+    def run_round(round_idx: int, global_prompt: torch.Tensor) -> torch.Tensor:
+        clients = round_clients(data, w, round_idx)
+        total = sum(c.num_examples * train_client(c, global_prompt, round_idx).double()
+                    for c in clients)
+        return (total / sum(c.num_examples for c in clients)).float()
+
+    seconds, prompt = timed_rounds(w, run_round, prompt)
+    full = sum(p.numel() * p.element_size() for p in base.parameters())
+    return {"k": 1, "seconds": seconds, "prompt": prompt.tolist(), "peak_rss": peak_rss_bytes(),
+            "resident_bytes": full, "total_bytes": full}
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    """One rank of one variant: run it, write this rank's figures as JSON."""
+    w = Workload(**json.loads(args.workload))
+    prompt = initial_prompt(w.model_dir, w.prompt_tokens, w.seed)
+    if args.worker == "peft":
+        result = peft_worker(w, prompt)
+    else:
+        result = profit_ds_worker(w, args.worker.split("=")[1], prompt)
+    rank = os.environ.get("RANK", "0")
+    Path(args.result_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the driver
+
+def spawn(variant: str, ranks: int, w: Workload, scratch: Path) -> list[dict]:
+    """Run `variant` as `ranks` fresh processes; return each rank's figures."""
+    from profit_ds.distributed import _free_port
+
+    out = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{variant.replace('=', '')}-{ranks}-"))
+    port = str(_free_port())
+    cmd = [sys.executable, __file__, "--worker", variant, "--workload", json.dumps(asdict(w)),
+           "--result-dir", str(out)]
+    procs = []
+    for r in range(ranks):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate()[1] for p in procs]
+    for p, err in zip(procs, errors):
+        if p.returncode:
+            raise SystemExit(f"{variant} at {ranks} ranks failed:\n{err[-3000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+@dataclass
+class Measured:
+    """One (variant, ranks) row of a training table."""
+
+    variant: str
+    ranks: int
+    k: int
+    seconds: float
+    tokens_per_s: float
+    mfu: float
+    peak_rss: int
+    resident_bytes: int
+    total_bytes: int
+    prompt_diff: float       # relative difference of the final prompt from the first row's
+    generation: dict | None
+
+
+@dataclass
+class DtypeResult:
+    dtype: str
+    gemm_peak: float
+    rows: list[Measured]
+
+
+def summarize(variant: str, ranks: int, per_rank: list[dict], tokens: float, flops: float,
+              peak: float, reference: torch.Tensor | None) -> Measured:
+    r0 = per_rank[0]
+    seconds = min(r0["seconds"])
+    prompt = torch.tensor(r0["prompt"])
+    diff = float((prompt - reference).norm() / reference.norm()) if reference is not None else 0.0
+    return Measured(variant, ranks, r0["k"], seconds, tokens / seconds, flops / seconds / peak,
+                    max(r["peak_rss"] for r in per_rank),
+                    max(r["resident_bytes"] for r in per_rank), r0["total_bytes"], diff,
+                    r0.get("generation"))
+
+
+def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], scratch: Path,
+            log: Callable[[str], None]) -> DtypeResult:
+    """Every variant at every rank count, in `w.dtype`, after measuring the GEMM peak."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    peak = gemm_peak(w.torch_dtype)
+    log(f"GEMM peak ({w.dtype}, all cores): {peak / 1e9:.1f} GFLOP/s")
+    config = AutoConfig.from_pretrained(w.model_dir)
+    data = load_data(AutoTokenizer.from_pretrained(w.model_dir), w)
+    work = [round_work(data, w, r, config) for r in range(2, w.rounds + 2)]
+    tokens, flops = mean(t for t, _ in work), mean(f for _, f in work)
+    rows, reference = [], None
+    for ranks in rank_counts:
+        for variant in variants:
+            log(f"{w.dtype}: {variant} at {ranks} rank(s)")
+            per_rank = spawn(variant, ranks, w, scratch)
+            row = summarize(variant, ranks, per_rank, tokens, flops, peak, reference)
+            if reference is None:
+                reference = torch.tensor(per_rank[0]["prompt"])
+            log(f"  {row.seconds:.2f} s/round, K={row.k}, MFU {row.mfu:.0%}")
+            rows.append(row)
+    return DtypeResult(w.dtype, peak, rows)
+
+
+# ---------------------------------------------------------------- report
+
+def find(rows: Sequence[Measured], variant: str, ranks: int) -> Measured | None:
+    return next((r for r in rows if r.variant == variant and r.ranks == ranks), None)
+
+
+def targets(result: DtypeResult) -> list[tuple[str, str, float, bool]]:
+    """(target, ratio measured, value, met) for each target of issue 4 this run measured."""
+    out: list[tuple[str, str, float, bool]] = []
+
+    def add(name: str, how: str, value: float, bound: float, at_least: bool = True) -> None:
+        out.append((name, how, value, value >= bound if at_least else value <= bound))
+
+    for ranks in sorted({r.ranks for r in result.rows}):
+        k1, auto, peft = (find(result.rows, v, ranks) for v in VARIANTS)
+        if not (k1 and auto and peft):
+            continue
+        if ranks == 1:
+            add("1 rank: K=auto at most 5% slower than K=1", "K=auto s / K=1 s",
+                auto.seconds / k1.seconds, 1.05, at_least=False)
+        else:
+            add(f"{ranks} ranks: K=auto >= 2.5x faster per round than K=1",
+                "K=1 s / K=auto s", k1.seconds / auto.seconds, 2.5)
+            gen = auto.generation
+            add(f"{ranks} ranks: batched evaluation >= 3x client by client",
+                "batched / client-by-client ex/s", gen["batched"] / gen["per_client"], 3.0)
+            add(f"{ranks} ranks: backbone bytes per rank within 5% of total/N",
+                "resident / (total/N)", auto.resident_bytes / (auto.total_bytes / ranks), 1.05,
+                at_least=False)
+        add(f"{ranks} rank(s): K=auto >= 1.5x faster than PEFT", "PEFT s / K=auto s",
+            peft.seconds / auto.seconds, 1.5)
+    best = max(result.rows, key=lambda r: r.mfu)
+    add(f"training MFU >= 50% of the {result.dtype} GEMM peak",
+        f"MFU, best: {best.variant} at {best.ranks} rank(s)", best.mfu, 0.5)
+    return out
+
+
+Table = tuple[str, list[str], list[list[str]]]
+
+
+def tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
+    """(title, header, rows) of each table: printed with Rich and written as Markdown."""
+    mb = 2 ** 20
+    out: list[Table] = []
+    for res in results:
+        train = [[str(r.ranks), r.variant, str(r.k), f"{r.seconds:.2f}", f"{r.tokens_per_s:,.0f}",
+                  f"{r.mfu:.0%}", f"{r.peak_rss / mb:,.0f}", f"{r.resident_bytes / mb:.1f}",
+                  f"{r.total_bytes / r.ranks / mb:.1f}", f"{r.prompt_diff:.1e}"]
+                 for r in res.rows]
+        out.append((f"Training, {res.dtype}: FedAvg, {w.clients_per_round} clients per round; "
+                    f"GEMM peak {res.gemm_peak / 1e9:.0f} GFLOP/s",
+                    ["ranks", "variant", "K", "s/round", "tokens/s", "MFU", "peak RSS/rank MiB",
+                     "backbone MiB/rank", "total/N MiB", "prompt diff"], train))
+    gen = [[res.dtype, str(r.ranks), str(r.generation["examples"]),
+            str(r.generation["max_new_tokens"]), f"{r.generation['batched']:.1f}",
+            f"{r.generation['per_client']:.1f}",
+            f"{r.generation['batched'] / r.generation['per_client']:.1f}x"]
+           for res in results for r in res.rows if r.generation]
+    out.append(("Generation: every test client's prompt on its own test set",
+                ["dtype", "ranks", "examples", "new tokens", "batched ex/s",
+                 "client by client ex/s", "ratio"], gen))
+    goals = [[name, how, f"{value:.2f}", "met" if ok else "NOT met"]
+             for res in results for name, how, value, ok in targets(res)]
+    out.append(("Targets (issue 4)", ["target", "measured", "value", "status"], goals))
+    return out
+
+
+LEFT = ("variant", "target", "measured", "dtype")
+
+
+def print_tables(tabs: Sequence[Table]) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = Console()
+    for title, header, body in tabs:
+        table = RichTable(title=title)
+        for h in header:
+            table.add_column(h, justify="left" if h in LEFT else "right")
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+
+
+def markdown(tabs: Sequence[Table], w: Workload, command: str) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    versions = ", ".join(f"{p} {md.version(p)}" for p in
+                         ("torch", "deepspeed", "transformers", "peft"))
+    lines = [SECTION, "", WORKLOAD_TEXT.format(w=w), ""]
+    for title, header, body in tabs:
+        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join("---" if h in LEFT else "---:" for h in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body] + [""]
+    lines += [f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPUs ({cpu}), "
+              f"shared with other jobs (1-minute load average at the end: "
+              f"{os.getloadavg()[0]:.1f}); Python {platform.python_version()}, {versions}; "
+              f"{datetime.date.today().isoformat()}.", "", f"Reproduce: `{command}`", ""]
+    return "\n".join(lines)
+
+
+WORKLOAD_TEXT = (
+    "Workload: FedAvg (Adam clients, lr {w.client_lr}, batch {w.batch_size}, {w.local_epochs} "
+    "local epoch), {w.clients_per_round} built-in train clients per round "
+    "({w.instances_per_task} instances per task), {w.prompt_tokens} virtual tokens; backbone: "
+    "random-init Llama, 4 layers, 512 wide, vocabulary 1,009. `peft` is the OpenFedLLM-style "
+    "loop (get_peft_model, per client: load the global prompt, fresh Adam, train, read back), "
+    "data parallel at N ranks with a whole model on each; `K=1`, `K=auto` are profit-ds on a "
+    "ZeRO-3 backbone. s/round: best of {w.rounds} rounds after a warm-up round (the machine is "
+    "shared; the best round is the least disturbed). tokens/s: source + target tokens trained "
+    "on (not padding, not virtual tokens). MFU: model FLOPs (forward, backward to the inputs "
+    "only, LM head at label positions only) per second over the best square-matmul rate "
+    "measured in the same run, same dtype, all cores. Peak RSS: the largest rank's, after "
+    "training. `prompt diff`: relative difference of the final global prompt from the table's "
+    "first row (the same work in every variant, so float rounding only).")
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's section of the Markdown file (or append it), keeping the rest."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="backbone dtypes (default fp32,bf16)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"a subset of {','.join(VARIANTS)} (targets need all three)")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds per variant (default 2)")
+    p.add_argument("--instances-per-task", type=int, default=40)
+    p.add_argument("--clients-per-round", type=int, default=12)
+    p.add_argument("--write-docs", type=Path, help="rewrite this section of the Markdown file")
+    p.add_argument("--json", type=Path, help="also write every figure as JSON")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--result-dir", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="profit-ds-bench-") as scratch:
+        model_dir = Path(scratch) / "model"
+        build_model(model_dir)
+        w = Workload(str(model_dir), instances_per_task=args.instances_per_task,
+                     clients_per_round=args.clients_per_round, rounds=args.rounds)
+        results = [measure(replace(w, dtype=d), [int(n) for n in args.ranks.split(",")],
+                           args.variants.split(","), Path(scratch),
+                           lambda msg: print(msg, flush=True))
+                   for d in args.dtypes.split(",")]
+    tabs = tables(w, results)
+    print_tables(tabs)
+    if args.json:
+        args.json.write_text(json.dumps({"workload": asdict(w),
+                                         "results": [asdict(r) for r in results]}, indent=2))
+    if args.write_docs:
+        command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_section(args.write_docs, markdown(tabs, w, command.strip()))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
