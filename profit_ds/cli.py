@@ -18,8 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _register() -> None:
     """Import command modules; each decorates its function onto `app`."""
-    from profit_ds.commands import (data, export, models, personalize, plan, report,  # noqa: F401
-                                    run, score)
+    from profit_ds.commands import (bench, data, export, models, personalize, plan,  # noqa: F401
+                                    report, run, score)
 
 
 def quiet_libraries() -> None:
