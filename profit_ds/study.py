@@ -161,6 +161,10 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
     """Personalize every client of each needed split with every setting; select; return
     the study dict (what study.json holds)."""
     reporter = reporter or Reporter(enabled=False)
+    unstable = [(lr, lam) for lr in grid.lrs for lam in grid.prox_lambdas if lr * lam >= 2]
+    if grid.opt == "sgd" and unstable:
+        reporter.warn(f"lr x lambda >= 2 for (lr, lambda) in {unstable}: SGD's proximal step "
+                      "overshoots p_global there and oscillates away from it")
     splits = _splits(run.data, grid)
     rows = 1 + len(grid.alphas)
     total = sum((len(c.test) + len(g)) * rows * grid.epochs * len(grid.lrs) * len(grid.prox_lambdas)
