@@ -109,9 +109,9 @@ def test_one_and_two_ranks_give_the_same_prompts(one_rank_k8, tiny_model_dir, tm
 
 
 def test_shared_prompt_pass_equals_the_concatenated_sequence(reference_model, backbone):
-    """client_loss_sums computes each client's prompt once and reuses its KV cache for the
-    client's rows; the loss and prompt gradient must equal the textbook forward of
-    `[prompt ; tokens]` per row through the whole model."""
+    """client_loss_sums runs the decoder body and the LM head only at label positions; the
+    loss and prompt gradient must equal the textbook forward of `[prompt ; tokens]` per row
+    through the whole model."""
     rows = _rows(backbone.tokenizer, clients=3)
     batch = collate([e for _, e in rows], [c for c, _ in rows], backbone.tokenizer.pad_token_id)
     bank = _bank(4, backbone.hidden_size).requires_grad_(True)  # client 3 has no rows

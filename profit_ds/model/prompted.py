@@ -80,29 +80,28 @@ def collate(encoded: Sequence[Encoded], row_client: Sequence[int], pad_id: int) 
     return TrainBatch(ids, mask, labels, torch.tensor(list(row_client), dtype=torch.long))
 
 
+def prompted_embeddings(model, prompts: torch.Tensor, row_client: torch.Tensor,
+                        input_ids: torch.Tensor) -> torch.Tensor:
+    """`[prompt of the row's client ; token embeddings]`, in the backbone's dtype."""
+    embeds = model.get_input_embeddings()(input_ids)
+    return torch.cat([prompts[row_client].to(embeds.dtype), embeds], dim=1)
+
+
 def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
     """Per-client sums of token cross-entropy over label tokens, shape `[K]` (float32).
 
-    The same numbers as running every row as `[its client's prompt ; its tokens]`, with a
-    client's prompt computed once instead of once per row: prompt positions come first and
-    attend only to each other, so their keys and values at every layer are the same for all
-    of a client's rows. A first pass runs each client's prompt alone and keeps its KV cache;
-    the rows then run their tokens only, attending to their client's cached prompt. With B
-    rows per client that skips (B-1)/B of the prompt positions' work (a fifth of a step on the
-    built-in suite). Then the LM head runs only at positions whose next token is a label.
+    Runs the decoder body, then the LM head only at positions whose next token is a label.
     """
-    body = model.base_model
-    embeds = model.get_input_embeddings()(batch.input_ids)
-    clients, slot = torch.unique(batch.row_client, return_inverse=True)
-    cache = body(inputs_embeds=prompts[clients].to(embeds.dtype), use_cache=True).cache
-    cache.batch_select_indices(slot)
-    mask = torch.cat([batch.attention_mask.new_ones(len(slot), prompts.shape[1]),
+    num_prompt = prompts.shape[1]
+    embeds = prompted_embeddings(model, prompts, batch.row_client, batch.input_ids)
+    mask = torch.cat([batch.attention_mask.new_ones(batch.attention_mask.shape[0], num_prompt),
                       batch.attention_mask], dim=1)
-    hidden = body(inputs_embeds=embeds, attention_mask=mask, cache=cache).last_hidden_state
-    # position t predicts token t+1
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    # position t predicts token t+1; labels are aligned to the token part of the sequence
     targets = batch.labels[:, 1:]
+    predicting = hidden[:, num_prompt:-1]
     where = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][where]).float()
+    logits = model.get_output_embeddings()(predicting[where]).float()
     token_loss = F.cross_entropy(logits, targets[where], reduction="none")
     row_of_token = torch.arange(targets.shape[0]).unsqueeze(1).expand_as(targets)[where]
     client_of_token = batch.row_client[row_of_token]
