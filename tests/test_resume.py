@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from profit_ds import checkpoint
@@ -136,3 +137,15 @@ def test_unfinished_run_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
     _kill_when(out, args, lambda o: max(_ckpt_seqs(o), default=0) >= 2)
     res = _run(args)
     assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_same_seed_same_config_is_bit_identical_across_processes(tiny_model_dir, tmp_path,
+                                                                 uninterrupted):
+    out = tmp_path / "again"
+    res = _run(_args(tiny_model_dir, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = _comparable(out)
+    for k, v in uninterrupted["tensors"].items():
+        assert torch.equal(again["tensors"][k], v), k
+    for key in ("rounds", "initial", "global", "personalized"):
+        assert again[key] == uninterrupted[key], key
