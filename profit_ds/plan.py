@@ -144,7 +144,7 @@ def model_config(name: str):
 
 
 @contextlib.contextmanager
-def _without_zero_init():
+def without_zero_init():
     """Hide a registered ZeRO-3 config from transformers for a moment.
 
     While a backbone is loaded in this process (tests, or a planning call inside a run),
@@ -167,7 +167,7 @@ def shape_of(config, name: str) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     try:
-        with _without_zero_init(), torch.device("meta"):
+        with without_zero_init(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as err:  # a config transformers has no causal LM for
         raise UsageError(f"--model {name}: {str(err).splitlines()[0]}") from None
