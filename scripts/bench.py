@@ -54,7 +54,7 @@ class Workload:
     local_epochs: int = 1
     client_lr: float = 0.03
     prompt_tokens: int = 20
-    rounds: int = 2          # timed rounds, after one warm-up round
+    rounds: int = 3          # timed rounds, after one warm-up round
     seed: int = 0
 
     @property
@@ -124,38 +124,27 @@ def linear_flops(config, tokens: int) -> float:
     return 4 * tokens * config.num_hidden_layers * per_layer
 
 
-def step_flops(config, prompt_tokens: int, rows: Sequence) -> float:
-    """Model FLOPs of one client's local step: the work the math requires, counted the same
-    for every variant. The prompt's positions once (they are the same for all of the step's
-    rows), each row's tokens attending to the prompt and to themselves, and the LM head at
-    label positions only (4 per vocabulary entry per label). Recomputing the prompt per row,
-    padding and LM-head work at other positions are waste, not counted."""
-    total = linear_flops(config, prompt_tokens) + attention_flops(config, prompt_tokens,
-                                                                  prompt_tokens)
-    for e in rows:
-        n = len(e.source) + len(e.target)
-        total += (linear_flops(config, n) + attention_flops(config, n, prompt_tokens + n)
-                  + 4 * len(e.target) * config.hidden_size * config.vocab_size)
-    return total
+def row_flops(config, prompt_tokens: int, e) -> float:
+    """Model FLOPs of one training row `[prompt ; source ; target]`, counted the same for every
+    variant: the weights and attention over the whole sequence, and the LM head at label
+    positions only (4 per vocabulary entry per label). Padding and LM-head work at other
+    positions are waste, not counted."""
+    t = prompt_tokens + len(e.source) + len(e.target)
+    return (linear_flops(config, t) + attention_flops(config, t, t)
+            + 4 * len(e.target) * config.hidden_size * config.vocab_size)
 
 
 def round_work(data, w: Workload, round_idx: int, config) -> tuple[int, float]:
     """Text tokens (source + target, every epoch) and model FLOPs of one round."""
-    from profit_ds.fl.clients import local_batches
-
-    tokens, flops = 0, 0.0
-    for c in round_clients(data, w, round_idx):
-        for idx in local_batches(c.num_examples, w.local_epochs, w.batch_size,
-                                 f"{w.seed}/round{round_idx}/{c.name}"):
-            rows = [c.train[i] for i in idx]
-            tokens += sum(len(e.source) + len(e.target) for e in rows)
-            flops += step_flops(config, w.prompt_tokens, rows)
-    return tokens, flops
+    rows = [e for c in round_clients(data, w, round_idx) for e in c.train] * w.local_epochs
+    return (sum(len(e.source) + len(e.target) for e in rows),
+            sum(row_flops(config, w.prompt_tokens, e) for e in rows))
 
 
-def gemm_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048, 4096),
-              reps: int = 5) -> float:
-    """Best FLOP/s of square matmuls in `dtype` on all cores: the denominator of MFU."""
+def gemm_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), reps: int = 4) -> float:
+    """Best FLOP/s of square matmuls in `dtype` on all cores: one sample of the MFU
+    denominator (the run keeps the best of several, taken between variants, since other jobs
+    on a shared machine can take a core away during any one of them)."""
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -174,18 +163,21 @@ def peak_rss_bytes() -> int:
 # ---------------------------------------------------------------- the variants (one per process)
 
 def timed_rounds(w: Workload, run_round: Callable[[int, torch.Tensor], torch.Tensor],
-                 prompt: torch.Tensor) -> tuple[list[float], torch.Tensor]:
-    """One warm-up round, then `w.rounds` timed ones; every rank calls it in step."""
+                 prompt: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """One warm-up round, then `w.rounds` timed ones; every rank calls it in step. Returns
+    wall seconds and this process's CPU seconds per timed round (CPU time is what other jobs
+    on the machine disturb least)."""
     from profit_ds import distributed
 
-    seconds = []
+    wall, cpu = [], []
     for r in range(1, w.rounds + 2):
         distributed.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         prompt = run_round(r, prompt)
         distributed.barrier()
-        seconds.append(time.perf_counter() - t)
-    return seconds[1:], prompt
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return {"seconds": wall[1:], "cpu_seconds": cpu[1:]}, prompt
 
 
 def profit_ds_worker(w: Workload, k: str, prompt: torch.Tensor) -> dict:
@@ -204,9 +196,9 @@ def profit_ds_worker(w: Workload, k: str, prompt: torch.Tensor) -> dict:
     spec = RoundSpec("fedavg", ClientOptimizer("adam"), w.client_lr, w.local_epochs,
                      w.batch_size, ServerOptimizer("sgd", 1.0), w.clients_per_round, w.seed)
     state = ServerState()
-    seconds, prompt = timed_rounds(w, lambda r, p: federated_round(
+    times, prompt = timed_rounds(w, lambda r, p: federated_round(
         backbone, p, state, data.train_clients, spec, r, k_parallel)[0], prompt)
-    result = {"k": k_parallel, "seconds": seconds, "prompt": prompt.tolist(),
+    result = {"k": k_parallel, **times, "prompt": prompt.tolist(),
               "peak_rss": peak_rss_bytes(),
               "resident_bytes": backbone.resident_parameter_bytes(),
               "total_bytes": sum(p.ds_numel * p.element_size()
@@ -232,10 +224,14 @@ def generation_rates(backbone, data, prompt: torch.Tensor) -> dict:
     examples = sum(len(c.test) for c in clients)
 
     def rate(work: Callable[[], None]) -> float:
-        distributed.barrier()
-        t = time.perf_counter()
-        work()
-        return examples / (time.perf_counter() - t)
+        """Examples/s of the best of two passes (the machine is shared)."""
+        seconds = []
+        for _ in range(2):
+            distributed.barrier()
+            t = time.perf_counter()
+            work()
+            seconds.append(time.perf_counter() - t)
+        return examples / min(seconds)
 
     evaluate(backbone, bank, [(0, clients[0].test)], new_tokens, rows)  # warm-up
     batched = rate(lambda: evaluate(backbone, bank, [(k, c.test) for k, c in enumerate(clients)],
@@ -300,9 +296,9 @@ def peft_worker(w: Workload, prompt: torch.Tensor) -> dict:
                     for c in clients)
         return (total / sum(c.num_examples for c in clients)).float()
 
-    seconds, prompt = timed_rounds(w, run_round, prompt)
+    times, prompt = timed_rounds(w, run_round, prompt)
     full = sum(p.numel() * p.element_size() for p in base.parameters())
-    return {"k": 1, "seconds": seconds, "prompt": prompt.tolist(), "peak_rss": peak_rss_bytes(),
+    return {"k": 1, **times, "prompt": prompt.tolist(), "peak_rss": peak_rss_bytes(),
             "resident_bytes": full, "total_bytes": full}
 
 
@@ -349,6 +345,7 @@ class Measured:
     ranks: int
     k: int
     seconds: float
+    cpu_seconds: float       # CPU seconds of the best round, summed over ranks
     tokens_per_s: float
     mfu: float
     peak_rss: int
@@ -366,12 +363,13 @@ class DtypeResult:
 
 
 def summarize(variant: str, ranks: int, per_rank: list[dict], tokens: float, flops: float,
-              peak: float, reference: torch.Tensor | None) -> Measured:
+              peak: float, reference: torch.Tensor) -> Measured:
     r0 = per_rank[0]
     seconds = min(r0["seconds"])
-    prompt = torch.tensor(r0["prompt"])
-    diff = float((prompt - reference).norm() / reference.norm()) if reference is not None else 0.0
-    return Measured(variant, ranks, r0["k"], seconds, tokens / seconds, flops / seconds / peak,
+    diff = float((torch.tensor(r0["prompt"]) - reference).norm() / reference.norm())
+    best = r0["seconds"].index(seconds)
+    cpu = sum(r["cpu_seconds"][best] for r in per_rank)
+    return Measured(variant, ranks, r0["k"], seconds, cpu, tokens / seconds, flops / seconds / peak,
                     max(r["peak_rss"] for r in per_rank),
                     max(r["resident_bytes"] for r in per_rank), r0["total_bytes"], diff,
                     r0.get("generation"))
@@ -379,26 +377,26 @@ def summarize(variant: str, ranks: int, per_rank: list[dict], tokens: float, flo
 
 def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], scratch: Path,
             log: Callable[[str], None]) -> DtypeResult:
-    """Every variant at every rank count, in `w.dtype`, after measuring the GEMM peak."""
+    """Every variant at every rank count, in `w.dtype`, with GEMM peak samples in between."""
     from transformers import AutoConfig, AutoTokenizer
 
-    peak = gemm_peak(w.torch_dtype)
-    log(f"GEMM peak ({w.dtype}, all cores): {peak / 1e9:.1f} GFLOP/s")
     config = AutoConfig.from_pretrained(w.model_dir)
     data = load_data(AutoTokenizer.from_pretrained(w.model_dir), w)
     work = [round_work(data, w, r, config) for r in range(2, w.rounds + 2)]
     tokens, flops = mean(t for t, _ in work), mean(f for _, f in work)
-    rows, reference = [], None
+    runs, peaks = [], []
     for ranks in rank_counts:
         for variant in variants:
-            log(f"{w.dtype}: {variant} at {ranks} rank(s)")
-            per_rank = spawn(variant, ranks, w, scratch)
-            row = summarize(variant, ranks, per_rank, tokens, flops, peak, reference)
-            if reference is None:
-                reference = torch.tensor(per_rank[0]["prompt"])
-            log(f"  {row.seconds:.2f} s/round, K={row.k}, MFU {row.mfu:.0%}")
-            rows.append(row)
-    return DtypeResult(w.dtype, peak, rows)
+            peaks.append(gemm_peak(w.torch_dtype))
+            log(f"{w.dtype}: {variant} at {ranks} rank(s) (GEMM sample {peaks[-1] / 1e9:.0f} "
+                "GFLOP/s)")
+            runs.append((variant, ranks, spawn(variant, ranks, w, scratch)))
+            log(f"  best round {min(runs[-1][2][0]['seconds']):.2f} s, K={runs[-1][2][0]['k']}")
+    peaks.append(gemm_peak(w.torch_dtype))
+    reference = torch.tensor(runs[0][2][0]["prompt"])
+    rows = [summarize(v, n, per_rank, tokens, flops, max(peaks), reference)
+            for v, n, per_rank in runs]
+    return DtypeResult(w.dtype, max(peaks), rows)
 
 
 # ---------------------------------------------------------------- report
@@ -446,13 +444,15 @@ def tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
     mb = 2 ** 20
     out: list[Table] = []
     for res in results:
-        train = [[str(r.ranks), r.variant, str(r.k), f"{r.seconds:.2f}", f"{r.tokens_per_s:,.0f}",
+        train = [[str(r.ranks), r.variant, str(r.k), f"{r.seconds:.2f}", f"{r.cpu_seconds:.1f}",
+                  f"{r.tokens_per_s:,.0f}",
                   f"{r.mfu:.0%}", f"{r.peak_rss / mb:,.0f}", f"{r.resident_bytes / mb:.1f}",
                   f"{r.total_bytes / r.ranks / mb:.1f}", f"{r.prompt_diff:.1e}"]
                  for r in res.rows]
         out.append((f"Training, {res.dtype}: FedAvg, {w.clients_per_round} clients per round; "
                     f"GEMM peak {res.gemm_peak / 1e9:.0f} GFLOP/s",
-                    ["ranks", "variant", "K", "s/round", "tokens/s", "MFU", "peak RSS/rank MiB",
+                    ["ranks", "variant", "K", "s/round", "CPU s/round", "tokens/s", "MFU",
+                     "peak RSS/rank MiB",
                      "backbone MiB/rank", "total/N MiB", "prompt diff"], train))
     gen = [[res.dtype, str(r.ranks), str(r.generation["examples"]),
             str(r.generation["max_new_tokens"]), f"{r.generation['batched']:.1f}",
@@ -512,8 +512,9 @@ WORKLOAD_TEXT = (
     "data parallel at N ranks with a whole model on each; `K=1`, `K=auto` are profit-ds on a "
     "ZeRO-3 backbone. s/round: best of {w.rounds} rounds after a warm-up round (the machine is "
     "shared; the best round is the least disturbed). tokens/s: source + target tokens trained "
-    "on (not padding, not virtual tokens). MFU: model FLOPs (forward, backward to the inputs "
-    "only, LM head at label positions only) per second over the best square-matmul rate "
+    "on (not padding, not virtual tokens). MFU: model FLOPs of `[prompt ; text]` per row "
+    "(forward, backward to the inputs only, LM head at label positions only) per second over "
+    "the best square-matmul rate "
     "measured in the same run, same dtype, all cores. Peak RSS: the largest rank's, after "
     "training. `prompt diff`: relative difference of the final global prompt from the table's "
     "first row (the same work in every variant, so float rounding only).")
@@ -536,7 +537,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp32,bf16", help="backbone dtypes (default fp32,bf16)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"a subset of {','.join(VARIANTS)} (targets need all three)")
-    p.add_argument("--rounds", type=int, default=2, help="timed rounds per variant (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default 3)")
     p.add_argument("--instances-per-task", type=int, default=40)
     p.add_argument("--clients-per-round", type=int, default=12)
     p.add_argument("--write-docs", type=Path, help="rewrite this section of the Markdown file")
