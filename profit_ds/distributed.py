@@ -15,15 +15,16 @@ import torch
 import torch.distributed as dist
 
 
-# Tokens (virtual prompt included) one rank runs in one forward and backward. On CPU, larger
-# forwards gain nothing (a core already reaches ~75% of its matmul peak at a few hundred
-# tokens) and outgrow the caches; on GPU, ~8k tokens of a 7B model's saved activations fit
-# next to its shard on 80 GB. Measured: docs/BENCHMARKS.md.
+# Padded tokens (virtual prompt included) one rank runs in one forward+backward. On CPU, larger
+# forwards gain nothing (each core already reaches ~75% of its matmul peak at 500 tokens) and
+# outgrow the caches; 2,048 keeps ZeRO-3's one coalesced all-gather per forward under 5% of the
+# step. On GPU, ~8k tokens of a 7B model's saved activations fit next to its shard on 80 GB.
+# Measured in docs/BENCHMARKS.md ("Training and generation").
 TOKENS_PER_FORWARD = {"cpu": 2048, "cuda": 8192}
 
 
 def tokens_per_forward() -> int:
-    """This device's budget of tokens (prompt included) per forward per rank."""
+    """This device's budget of padded tokens per forward per rank."""
     return TOKENS_PER_FORWARD["cuda" if torch.cuda.is_available() else "cpu"]
 
 

@@ -43,14 +43,14 @@ def load_tasks(cfg: RunConfig):
 
 
 def clients_in_parallel(cfg: RunConfig, data: FederatedData, prompt_tokens: int) -> int:
-    """K: `--clients-in-parallel`, or `auto` = as many clients as one forward holds on every
-    rank: a client's step is `batch_size` rows of about the mean length (prompt included); a
-    rank runs `distributed.tokens_per_forward()` tokens per forward.
+    """K: `--clients-in-parallel`, or `auto` = as many clients as one step's forward holds on
+    every rank: a client's step is `batch_size` rows of about the mean length (prompt
+    included); a rank runs `distributed.tokens_per_forward()` padded tokens per forward.
 
-    Why: under ZeRO-3 each forward costs one all-gather of the backbone, shared by all its
-    rows, so K grows with the ranks; a single process gains little from more (bigger forwards
-    are no faster per token on a CPU), and beyond one forward per rank more clients only add
-    forwards (rows are cut into chunks of that budget). docs/BENCHMARKS.md has the figures.
+    Why this size: under ZeRO-3 each forward costs one all-gather of the backbone, shared by
+    every row in it, so K grows with the ranks; beyond one full forward per rank more clients
+    only add forwards (rows are cut into chunks of that budget), and on a CPU a single
+    process gains nothing from bigger forwards (docs/BENCHMARKS.md, "Training and generation").
     """
     if cfg.clients_in_parallel != "auto":
         return int(cfg.clients_in_parallel)

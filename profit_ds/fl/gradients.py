@@ -1,7 +1,7 @@
 """Each client's mean-loss gradient of its prompt, for many clients in one batched pass.
 
 This is the one place where the backbone runs backward. Rows of all clients in flight are mixed
-in one batch; every rank takes its share of each forward chunk; the per-client denominators
+in one batch; every rank takes its slice of each forward chunk; the per-client denominators
 (label tokens) are computed from the whole batch on every rank, so the sum over ranks of the
 local gradients is the exact gradient; one all_reduce per call sums them (DESIGN.md 2-4).
 
@@ -24,21 +24,21 @@ from profit_ds.model.prompted import Encoded, client_loss_sums, collate
 Row = tuple[int, Encoded]
 
 
-def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int,
-                   max_tokens: int) -> list[list[Row]]:
+def _length(e: Encoded) -> int:
+    return len(e.source) + len(e.target)
+
+
+def forward_chunks(rows: Sequence[Row], max_rows: int, max_tokens: int) -> list[list[Row]]:
     """Rows longest first, cut into the fewest chunks of at most `max_rows` rows and
     `max_tokens` tokens (both over all ranks), of about equal size, so that no small chunk is
-    left over to pay a forward (and, under ZeRO-3, an all-gather) for little work. A row's
-    tokens are its prompt's and its own; sorted rows pad little."""
-    def length(row: Row) -> int:
-        return num_prompt + len(row[1].source) + len(row[1].target)
-
-    order = sorted(rows, key=lambda r: -length(r))
-    left = sum(length(r) for r in order)
+    left over to pay a forward (and, under ZeRO-3, an all-gather) for little work. Tokens are
+    the rows' own: sorted rows pad little, and each client's prompt is computed once."""
+    order = sorted(rows, key=lambda r: -_length(r[1]))
+    left = sum(_length(e) for _, e in order)
     chunks: list[list[Row]] = []
     tokens, target = 0, 0.0
     for i, row in enumerate(order):
-        n = length(row)
+        n = _length(row[1])
         if (not chunks or tokens >= target or len(chunks[-1]) >= max_rows
                 or tokens + n > max_tokens):
             # an equal share of what is left, over the fewest chunks that can hold it
@@ -67,10 +67,9 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
     denom = counts.clamp(min=1).to(torch.float32)
     leaf = bank.detach().clone().requires_grad_(True)
     loss_sums = torch.zeros(k, dtype=torch.float64)
-    for part in forward_chunks(rows, bank.shape[1], max(rows_per_forward, world),
+    for part in forward_chunks(rows, max(rows_per_forward, world),
                                distributed.tokens_per_forward() * world):
-        # every world-th row: of rows sorted by length, each rank gets an equal share of work
-        mine = part[distributed.rank()::world]
+        mine = part[distributed.my_slice(len(part))]
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
             sums = client_loss_sums(backbone.model, leaf, batch)
