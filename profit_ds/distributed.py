@@ -15,19 +15,6 @@ import torch
 import torch.distributed as dist
 
 
-# Padded tokens (virtual prompt included) one rank runs in one forward+backward. On CPU, larger
-# forwards gain nothing (each core already reaches ~75% of its matmul peak at 500 tokens) and
-# outgrow the caches; 2,048 keeps ZeRO-3's one coalesced all-gather per forward under 5% of the
-# step. On GPU, ~8k tokens of a 7B model's saved activations fit next to its shard on 80 GB.
-# Measured in docs/BENCHMARKS.md ("Training and generation").
-TOKENS_PER_FORWARD = {"cpu": 2048, "cuda": 8192}
-
-
-def tokens_per_forward() -> int:
-    """This device's budget of padded tokens per forward per rank."""
-    return TOKENS_PER_FORWARD["cuda" if torch.cuda.is_available() else "cpu"]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

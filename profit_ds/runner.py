@@ -32,6 +32,7 @@ from profit_ds.model.backbone import init_prompt, load_backbone, resolve_path
 from profit_ds.report import Reporter
 
 CHECKPOINTS = "checkpoints"
+TOKENS_PER_FORWARD = {"cpu": 8192, "cuda": 65536}  # rows x tokens one rank handles well
 
 
 def load_tasks(cfg: RunConfig):
@@ -43,20 +44,13 @@ def load_tasks(cfg: RunConfig):
 
 
 def clients_in_parallel(cfg: RunConfig, data: FederatedData, prompt_tokens: int) -> int:
-    """K: `--clients-in-parallel`, or `auto` = as many clients as one step's forward holds on
-    every rank: a client's step is `batch_size` rows of about the mean length (prompt
-    included); a rank runs `distributed.tokens_per_forward()` padded tokens per forward.
-
-    Why this size: under ZeRO-3 each forward costs one all-gather of the backbone, shared by
-    every row in it, so K grows with the ranks; beyond one full forward per rank more clients
-    only add forwards (rows are cut into chunks of that budget), and on a CPU a single
-    process gains nothing from bigger forwards (docs/BENCHMARKS.md, "Training and generation").
-    """
+    """K: `--clients-in-parallel`, or `auto` = as many clients per step as fit a token budget
+    per rank (a full step of one client is `batch_size` rows of about the mean length)."""
     if cfg.clients_in_parallel != "auto":
         return int(cfg.clients_in_parallel)
     train = [e for c in data.train_clients for e in c.train]
     mean_len = prompt_tokens + sum(len(e.source) + len(e.target) for e in train) / max(1, len(train))
-    budget = distributed.tokens_per_forward() * distributed.world()
+    budget = TOKENS_PER_FORWARD["cuda" if torch.cuda.is_available() else "cpu"] * distributed.world()
     return max(1, int(budget // (cfg.batch_size * mean_len)))
 
 

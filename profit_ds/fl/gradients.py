@@ -7,12 +7,11 @@ local gradients is the exact gradient; one all_reduce per call sums them (DESIGN
 
 Rows are sorted by length before they are cut into forward chunks, so a chunk pads its rows to
 a length they nearly share: mixing clients with different text lengths costs no padding. A
-chunk is bounded by a token budget per rank (`distributed.TOKENS_PER_FORWARD`) as well as by
-rows, which bounds activation memory whatever K is.
+chunk is bounded by a token budget per rank as well as by rows: on a CPU, activations that
+outgrow the caches make the elementwise kernels memory-bound (measured in docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -21,34 +20,31 @@ from profit_ds import distributed
 from profit_ds.model.backbone import Backbone
 from profit_ds.model.prompted import Encoded, client_loss_sums, collate
 
+# padded tokens (prompt included) one rank runs in one forward; see docs/BENCHMARKS.md
+TOKENS_PER_FORWARD = {"cpu": 4096, "cuda": 65536}
+
 Row = tuple[int, Encoded]
 
 
-def _length(e: Encoded) -> int:
-    return len(e.source) + len(e.target)
+def tokens_per_forward() -> int:
+    """This device's per-rank token budget for one forward."""
+    return TOKENS_PER_FORWARD["cuda" if torch.cuda.is_available() else "cpu"]
 
 
-def forward_chunks(rows: Sequence[Row], max_rows: int, max_tokens: int) -> list[list[Row]]:
-    """Rows longest first, cut into the fewest chunks of at most `max_rows` rows and
-    `max_tokens` tokens (both over all ranks), of about equal size, so that no small chunk is
-    left over to pay a forward (and, under ZeRO-3, an all-gather) for little work. Tokens are
-    the rows' own: sorted rows pad little, and each client's prompt is computed once."""
-    order = sorted(rows, key=lambda r: -_length(r[1]))
-    left = sum(_length(e) for _, e in order)
+def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int,
+                   max_tokens: int) -> list[list[Row]]:
+    """Rows longest first, cut into chunks of at most `max_rows` rows and `max_tokens` padded
+    tokens (rows x longest row), both counted over all ranks together."""
+    order = sorted(rows, key=lambda r: -(len(r[1].source) + len(r[1].target)))
     chunks: list[list[Row]] = []
-    tokens, target = 0, 0.0
-    for i, row in enumerate(order):
-        n = _length(row[1])
-        if (not chunks or tokens >= target or len(chunks[-1]) >= max_rows
-                or tokens + n > max_tokens):
-            # an equal share of what is left, over the fewest chunks that can hold it
-            target = left / max(1, math.ceil(left / max_tokens),
-                                math.ceil((len(order) - i) / max_rows))
-            chunks.append([])
-            tokens = 0
-        chunks[-1].append(row)
-        tokens += n
-        left -= n
+    for row in order:
+        if chunks:
+            last = chunks[-1]
+            longest = num_prompt + len(last[0][1].source) + len(last[0][1].target)
+            if len(last) < max_rows and (len(last) + 1) * longest <= max_tokens:
+                last.append(row)
+                continue
+        chunks.append([row])
     return chunks
 
 
@@ -67,8 +63,8 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
     denom = counts.clamp(min=1).to(torch.float32)
     leaf = bank.detach().clone().requires_grad_(True)
     loss_sums = torch.zeros(k, dtype=torch.float64)
-    for part in forward_chunks(rows, max(rows_per_forward, world),
-                               distributed.tokens_per_forward() * world):
+    for part in forward_chunks(rows, bank.shape[1], max(rows_per_forward, world),
+                               tokens_per_forward() * world):
         mine = part[distributed.my_slice(len(part))]
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
