@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 SECTION = "## Training and generation"
+END_OF_FIGURES = "<!-- end of the figures scripts/bench.py writes; notes below are kept -->"
 VARIANTS = ("K=1", "K=auto", "peft")
 
 
@@ -198,7 +199,7 @@ def profit_ds_worker(w: Workload, k: str, prompt: torch.Tensor) -> dict:
     state = ServerState()
     times, prompt = timed_rounds(w, lambda r, p: federated_round(
         backbone, p, state, data.train_clients, spec, r, k_parallel)[0], prompt)
-    result = {"k": k_parallel, **times, "prompt": prompt.tolist(),
+    result = {"k": min(k_parallel, w.clients_per_round), **times, "prompt": prompt.tolist(),
               "peak_rss": peak_rss_bytes(),
               "resident_bytes": backbone.resident_parameter_bytes(),
               "total_bytes": sum(p.ds_numel * p.element_size()
@@ -375,27 +376,34 @@ def summarize(variant: str, ranks: int, per_rank: list[dict], tokens: float, flo
                     r0.get("generation"))
 
 
-def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], scratch: Path,
-            log: Callable[[str], None]) -> DtypeResult:
-    """Every variant at every rank count, in `w.dtype`, with GEMM peak samples in between."""
+def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], repeats: int,
+            scratch: Path, log: Callable[[str], None]) -> DtypeResult:
+    """Every variant at every rank count, in `w.dtype`, `repeats` times in rotation (each
+    variant keeps its fastest run: a burst of other jobs then spoils one run, not the
+    comparison), with GEMM peak samples in between."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(w.model_dir)
     data = load_data(AutoTokenizer.from_pretrained(w.model_dir), w)
     work = [round_work(data, w, r, config) for r in range(2, w.rounds + 2)]
     tokens, flops = mean(t for t, _ in work), mean(f for _, f in work)
-    runs, peaks = [], []
-    for ranks in rank_counts:
-        for variant in variants:
-            peaks.append(gemm_peak(w.torch_dtype))
-            log(f"{w.dtype}: {variant} at {ranks} rank(s) (GEMM sample {peaks[-1] / 1e9:.0f} "
-                "GFLOP/s)")
-            runs.append((variant, ranks, spawn(variant, ranks, w, scratch)))
-            log(f"  best round {min(runs[-1][2][0]['seconds']):.2f} s, K={runs[-1][2][0]['k']}")
+    best: dict[tuple[str, int], list[dict]] = {}
+    peaks = []
+    for _ in range(repeats):
+        for ranks in rank_counts:
+            for variant in variants:
+                peaks.append(gemm_peak(w.torch_dtype))
+                log(f"{w.dtype}: {variant} at {ranks} rank(s) (GEMM sample "
+                    f"{peaks[-1] / 1e9:.0f} GFLOP/s)")
+                per_rank = spawn(variant, ranks, w, scratch)
+                log(f"  best round {min(per_rank[0]['seconds']):.2f} s, K={per_rank[0]['k']}")
+                kept = best.get((variant, ranks))
+                if kept is None or min(per_rank[0]["seconds"]) < min(kept[0]["seconds"]):
+                    best[(variant, ranks)] = per_rank
     peaks.append(gemm_peak(w.torch_dtype))
-    reference = torch.tensor(runs[0][2][0]["prompt"])
+    reference = torch.tensor(best[(variants[0], rank_counts[0])][0]["prompt"])
     rows = [summarize(v, n, per_rank, tokens, flops, max(peaks), reference)
-            for v, n, per_rank in runs]
+            for (v, n), per_rank in best.items()]
     return DtypeResult(w.dtype, max(peaks), rows)
 
 
@@ -410,29 +418,33 @@ def targets(result: DtypeResult) -> list[tuple[str, str, float, bool]]:
     out: list[tuple[str, str, float, bool]] = []
 
     def add(name: str, how: str, value: float, bound: float, at_least: bool = True) -> None:
-        out.append((name, how, value, value >= bound if at_least else value <= bound))
+        out.append((f"{result.dtype}, {name}", how, value,
+                    value >= bound if at_least else value <= bound))
 
     for ranks in sorted({r.ranks for r in result.rows}):
         k1, auto, peft = (find(result.rows, v, ranks) for v in VARIANTS)
         if not (k1 and auto and peft):
             continue
+        where = "1 rank" if ranks == 1 else f"{ranks} ranks"
         if ranks == 1:
-            add("1 rank: K=auto at most 5% slower than K=1", "K=auto s / K=1 s",
+            add(f"{where}: K=auto at most 5% slower than K=1", "K=auto s / K=1 s",
                 auto.seconds / k1.seconds, 1.05, at_least=False)
         else:
-            add(f"{ranks} ranks: K=auto >= 2.5x faster per round than K=1",
+            add(f"{where}: K=auto >= 2.5x faster per round than K=1",
                 "K=1 s / K=auto s", k1.seconds / auto.seconds, 2.5)
             gen = auto.generation
-            add(f"{ranks} ranks: batched evaluation >= 3x client by client",
+            add(f"{where}: batched evaluation >= 3x client by client",
                 "batched / client-by-client ex/s", gen["batched"] / gen["per_client"], 3.0)
-            add(f"{ranks} ranks: backbone bytes per rank within 5% of total/N",
+            add(f"{where}: backbone bytes per rank within 5% of total/N",
                 "resident / (total/N)", auto.resident_bytes / (auto.total_bytes / ranks), 1.05,
                 at_least=False)
-        add(f"{ranks} rank(s): K=auto >= 1.5x faster than PEFT", "PEFT s / K=auto s",
+        add(f"{where}: K=auto >= 1.5x faster than PEFT", "PEFT s / K=auto s",
             peft.seconds / auto.seconds, 1.5)
-    best = max(result.rows, key=lambda r: r.mfu)
-    add(f"training MFU >= 50% of the {result.dtype} GEMM peak",
-        f"MFU, best: {best.variant} at {best.ranks} rank(s)", best.mfu, 0.5)
+    ours = [r for r in result.rows if r.variant == "K=auto"]
+    if ours:
+        best = max(ours, key=lambda r: r.mfu)
+        add("training MFU (K=auto) >= 50% of the GEMM peak",
+            f"MFU at {best.ranks} rank(s)", best.mfu, 0.5)
     return out
 
 
@@ -520,14 +532,21 @@ WORKLOAD_TEXT = (
     "first row (the same work in every variant, so float rounding only).")
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of the Markdown file (or append it), keeping the rest."""
+def write_section(path: Path, figures: str) -> None:
+    """Put `figures` at the head of this benchmark's section of the Markdown file: everything
+    from the section's title to END_OF_FIGURES is replaced; hand-written notes after that
+    marker and the other sections are kept. A file without the section gets it appended."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
+    block = f"{figures.rstrip()}\n\n{END_OF_FIGURES}\n"
+    generated = re.compile(rf"^{re.escape(SECTION)}\n.*?^{re.escape(END_OF_FIGURES)}\n",
+                           re.S | re.M)
+    whole = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if generated.search(text):
+        text = generated.sub(lambda _: block, text)
+    elif whole.search(text):
+        text = whole.sub(lambda _: block + "\n", text)
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
@@ -538,6 +557,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"a subset of {','.join(VARIANTS)} (targets need all three)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default 3)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every variant this many times in rotation, keep each one's best")
     p.add_argument("--instances-per-task", type=int, default=40)
     p.add_argument("--clients-per-round", type=int, default=12)
     p.add_argument("--write-docs", type=Path, help="rewrite this section of the Markdown file")
@@ -559,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         w = Workload(str(model_dir), instances_per_task=args.instances_per_task,
                      clients_per_round=args.clients_per_round, rounds=args.rounds)
         results = [measure(replace(w, dtype=d), [int(n) for n in args.ranks.split(",")],
-                           args.variants.split(","), Path(scratch),
+                           args.variants.split(","), args.repeats, Path(scratch),
                            lambda msg: print(msg, flush=True))
                    for d in args.dtypes.split(",")]
     tabs = tables(w, results)
