@@ -497,13 +497,13 @@ def print_tables(tabs: Sequence[Table]) -> None:
         console.print(table)
 
 
-def markdown(tabs: Sequence[Table], w: Workload, command: str) -> str:
+def markdown(tabs: Sequence[Table], w: Workload, repeats: int, command: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor())
     versions = ", ".join(f"{p} {md.version(p)}" for p in
                          ("torch", "deepspeed", "transformers", "peft"))
-    lines = [SECTION, "", WORKLOAD_TEXT.format(w=w), ""]
+    lines = [SECTION, "", WORKLOAD_TEXT.format(w=w, repeats=repeats), ""]
     for title, header, body in tabs:
         lines += [f"**{title}**", "", "| " + " | ".join(header) + " |",
                   "|" + "|".join("---" if h in LEFT else "---:" for h in header) + "|"]
@@ -522,8 +522,9 @@ WORKLOAD_TEXT = (
     "random-init Llama, 4 layers, 512 wide, vocabulary 1,009. `peft` is the OpenFedLLM-style "
     "loop (get_peft_model, per client: load the global prompt, fresh Adam, train, read back), "
     "data parallel at N ranks with a whole model on each; `K=1`, `K=auto` are profit-ds on a "
-    "ZeRO-3 backbone. s/round: best of {w.rounds} rounds after a warm-up round (the machine is "
-    "shared; the best round is the least disturbed). tokens/s: source + target tokens trained "
+    "ZeRO-3 backbone. s/round: the best of {w.rounds} rounds after a warm-up round, in each of "
+    "{repeats} run(s) of the variant in rotation with the others (the machine is shared; the "
+    "best round is the least disturbed); CPU s/round: that round's CPU time, all ranks. tokens/s: source + target tokens trained "
     "on (not padding, not virtual tokens). MFU: model FLOPs of `[prompt ; text]` per row "
     "(forward, backward to the inputs only, LM head at label positions only) per second over "
     "the best square-matmul rate "
@@ -590,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          "results": [asdict(r) for r in results]}, indent=2))
     if args.write_docs:
         command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(args.write_docs, markdown(tabs, w, command.strip()))
+        write_section(args.write_docs, markdown(tabs, w, args.repeats, command.strip()))
 
 
 if __name__ == "__main__":
