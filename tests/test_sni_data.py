@@ -14,7 +14,6 @@ from profit_ds.data.sni import load_sni_directory
 from profit_ds.errors import UsageError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "sni-sample" / "tasks"
-needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"{SAMPLE} not present")
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +41,6 @@ def _good_task() -> dict:
 
 
 # --------------------------------------------------------------------------- loading
-@needs_sample
 def test_every_sample_task_loads_with_its_categories_and_instances():
     tasks = load_tasks(str(SAMPLE))
     assert len(tasks) == 24
@@ -59,7 +57,6 @@ def test_every_sample_task_loads_with_its_categories_and_instances():
     assert len({t.category for t in tasks}) == 8
 
 
-@needs_sample
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path: Path):
     corpus, cache = tmp_path / "tasks", tmp_path / "cache"
     shutil.copytree(SAMPLE, corpus)
@@ -168,7 +165,6 @@ def test_hub_failure_is_one_line(monkeypatch: pytest.MonkeyPatch):
 
 
 # --------------------------------------------------------------------------- format
-@needs_sample
 def test_format_options():
     task = next(t for t in load_tasks(str(SAMPLE)) if t.name.startswith("task020"))
     inst = task.instances[0]
@@ -193,7 +189,6 @@ def test_truncation_keeps_head_and_tail_and_is_reported():
 
 
 # --------------------------------------------------------------------------- CLI
-@needs_sample
 def test_data_command_json():
     from typer.testing import CliRunner
 
