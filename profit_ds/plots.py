@@ -2,14 +2,18 @@
 
 Why these plots: Profit's finding is a trade-off, so most plots put global ROUGE-L
 (robustness) on x and local ROUGE-L (personalization) on y, with the federated prompt as the
-reference point; the rounds plot shows whether federated training itself converged.
+reference point; the rounds plot shows whether federated training itself converged. Across
+runs (a sweep's settings and seeds) the Pareto plot shows which settings no other setting beats
+on both axes at once: the choices worth making, whatever weight one gives to either side.
 Matplotlib runs on the Agg backend, so no display is needed.
 """
 from __future__ import annotations
 
 import csv
 import io as _io
+import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +30,12 @@ from profit_ds.errors import UsageError
 from profit_ds.study import SETTING
 
 CSV_COLUMNS = ("run", "source", "split", "client", "lr", "prox_lambda", "epoch", "alpha",
-               "local_rouge_l", "global_rouge_l", "local_exact_match", "global_exact_match")
+               "local_rouge_l", "global_rouge_l", "local_exact_match", "global_exact_match",
+               "on_pareto_front")
+# The points a reader chooses among: a prompt's mean over the test clients at one setting
+# (not one client's scores, not the validation clients the study selects on).
+SETTING_SOURCES = ("federated", "personalized", "study")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 TRADEOFF_AXES = ("global ROUGE-L (global test set)", "local ROUGE-L (own test set)")
 
 
@@ -38,19 +47,64 @@ class RunFiles:
     results: dict
     study: dict | None
 
+    @property
+    def prefix(self) -> str:
+        return file_safe(self.name)
 
-def read_run(run_dir: Path) -> RunFiles:
+
+def file_safe(name: str) -> str:
+    """A run name as a file-name prefix: a run found below a directory is named by its
+    relative path (`fedavg-adam/seed-0`), which must not become subdirectories of --out."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def read_run(run_dir: Path, name: str | None = None) -> RunFiles:
     path = run_dir / "results.json"
     if not path.is_file():
         raise UsageError(f"{run_dir}: not a finished run (no results.json)")
     study_path = run_dir / "study.json"
     study = json.loads(study_path.read_text()) if study_path.is_file() else None
-    return RunFiles(run_dir.resolve().name, json.loads(path.read_text()), study)
+    return RunFiles(name or run_dir.resolve().name, json.loads(path.read_text()), study)
 
 
-def _figure(path: Path, title: str, draw: Callable[[Axes], None]) -> Path:
+def find_runs(paths: Sequence[Path]) -> list[tuple[Path, str]]:
+    """Each path's run, or the runs below it (a sweep's OUT/<setting>/seed-<n>/), in sorted
+    order, each with a readable name unique among all of them.
+
+    A run given directly is named by its directory, one found below a path by its path
+    relative to it; names that still collide (two `seed-0` runs given directly) take parent
+    directories until they differ. A run reached twice is reported once.
+    """
+    found: dict[Path, int] = {}  # resolved run dir -> how many trailing path parts name it
+    for path in paths:
+        if (path / "results.json").is_file():
+            found.setdefault(path.resolve(), 1)
+            continue
+        below = sorted(p.parent for p in path.glob("**/results.json")) if path.is_dir() else []
+        if not below:
+            raise UsageError(f"{path}: not a finished run and no runs below it "
+                             "(no results.json)")
+        for run in below:
+            found.setdefault(run.resolve(), len(run.relative_to(path).parts))
+
+    def name(run: Path) -> str:
+        return "/".join(run.parts[-found[run]:])
+    while True:
+        by_prefix: dict[str, list[Path]] = {}
+        for run in found:
+            by_prefix.setdefault(file_safe(name(run)), []).append(run)
+        clashes = [run for runs in by_prefix.values() if len(runs) > 1 for run in runs
+                   if found[run] < len(run.parts) - 1]
+        if not clashes:
+            return [(run, name(run)) for run in found]
+        for run in clashes:
+            found[run] += 1
+
+
+def _figure(path: Path, title: str, draw: Callable[[Axes], None],
+            size: tuple[float, float] = (6.4, 4.8)) -> Path:
     """One titled figure with a legend, saved to `path`, closed (figures hold memory)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=size)
     draw(ax)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -160,6 +214,97 @@ def csv_rows(run: RunFiles) -> list[dict]:
     return [{c: ({"run": run.name, **r}).get(c, "") for c in CSV_COLUMNS} for r in rows]
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (maximizing both coordinates), in
+    increasing first coordinate (so decreasing second): the frontier in drawing order.
+
+    A point is dominated by one at least as good on both coordinates and better on one; so of
+    several identical points all stay on the front, and of points tied on one coordinate only
+    the best on the other can. One sweep over the points sorted by decreasing first
+    coordinate: O(n log n) where the brute-force check is O(n^2).
+    """
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))
+    front: list[int] = []
+    best = float("-inf")  # the highest second coordinate among larger first coordinates
+    for _, same_x in itertools.groupby(order, key=lambda i: points[i][0]):
+        tied = list(same_x)
+        top = points[tied[0]][1]
+        if top > best:
+            front += [i for i in tied if points[i][1] == top]
+            best = top
+    return front[::-1]
+
+
+def _is_setting(row: dict) -> bool:
+    return row["source"] in SETTING_SOURCES and row["split"] == "test"
+
+
+def mark_pareto_front(rows: Sequence[dict]) -> list[dict]:
+    """`rows` with `on_pareto_front` set, over all of them at once (all runs given): True or
+    False for the settings' points (SETTING_SOURCES on the test clients), empty for the
+    others, which are not settings one could choose."""
+    settings = [i for i, r in enumerate(rows) if _is_setting(r)]
+    front = {settings[j] for j in pareto_front(
+        [(rows[i]["global_rouge_l"], rows[i]["local_rouge_l"]) for i in settings])}
+    flags = {i: i in front for i in settings}
+    return [{**r, "on_pareto_front": flags.get(i, "")} for i, r in enumerate(rows)]
+
+
+def _setting_label(row: dict, with_run: bool) -> str:
+    """A short name of the setting behind a point: `run: lr 5, ep 1` (study points add lambda
+    and alpha)."""
+    if row["source"] == "federated":
+        setting = "federated"
+    else:
+        setting = f"lr {row['lr']:g}, ep {row['epoch']}"
+        if row["source"] == "study":
+            setting += f", λ {row['prox_lambda']:g}, α {row['alpha']:g}"
+    return f"{row['run']}: {setting}" if with_run else setting
+
+
+def plot_pareto(rows: Sequence[dict], path: Path) -> Path:
+    """Every setting's point of every run (federated prompts as stars), one colour and
+    marker per run, and the non-dominated frontier as a step line with its settings named.
+
+    `rows` are mark_pareto_front's. The step line is the upper-right boundary of what the
+    frontier attains: at any global ROUGE-L, the best local ROUGE-L some setting reaches
+    without doing worse globally.
+    """
+    points = [r for r in rows if r["on_pareto_front"] != ""]
+    runs = list(dict.fromkeys(r["run"] for r in points))
+
+    def draw(ax: Axes) -> None:
+        for k, run in enumerate(runs):
+            colour, marker = f"C{k % 10}", MARKERS[k % len(MARKERS)]
+            mine = [r for r in points if r["run"] == run]
+            tuned = [r for r in mine if r["source"] != "federated"]
+            ax.scatter([r["global_rouge_l"] for r in tuned], [r["local_rouge_l"] for r in tuned],
+                       color=colour, marker=marker, alpha=0.6, label=run)
+            fed = [r for r in mine if r["source"] == "federated"]
+            ax.scatter([r["global_rouge_l"] for r in fed], [r["local_rouge_l"] for r in fed],
+                       color=colour, marker="*", s=200, edgecolors="black", zorder=3)
+        ax.scatter([], [], marker="*", s=200, color="white", edgecolors="black",
+                   label="federated prompt")
+        front = [r for r in points if r["on_pareto_front"]]
+        front.sort(key=lambda r: (r["global_rouge_l"], -r["local_rouge_l"]))
+        ax.step([r["global_rouge_l"] for r in front], [r["local_rouge_l"] for r in front],
+                where="pre", color="black", linewidth=1, zorder=2, label="Pareto frontier")
+        # identical points get one label, counting the others; labels alternate above and
+        # below the line, and point inwards on the right half (else they leave the figure)
+        same = [(xy, list(tied)) for xy, tied in itertools.groupby(
+            front, key=lambda r: (r["global_rouge_l"], r["local_rouge_l"]))]
+        for k, (xy, tied) in enumerate(same):
+            more = f" (+{len(tied) - 1})" if len(tied) > 1 else ""
+            right = k >= len(same) / 2
+            ax.annotate(_setting_label(tied[0], len(runs) > 1) + more, xy, fontsize="x-small",
+                        xytext=(-4 if right else 4, 4 if k % 2 == 0 else -10),
+                        textcoords="offset points", ha="right" if right else "left")
+        _tradeoff_axes(ax)
+        ax.legend(fontsize="x-small", ncol=1 + len(runs) // 12)
+    return _figure(path, "Pareto frontier of all settings (mean over test clients)", draw,
+                   size=(9.6, 7.2))
+
+
 def write_csv(path: Path, rows: Sequence[dict]) -> Path:
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
@@ -170,11 +315,12 @@ def write_csv(path: Path, rows: Sequence[dict]) -> Path:
 
 
 def write_report(runs: Sequence[RunFiles], out: Path) -> list[Path]:
-    """All plots of every run (file names prefixed by the run's name) and one points.csv."""
+    """All plots of every run (file names prefixed by its file-safe name), the Pareto plot over
+    all runs, and one points.csv with every point flagged on or off the frontier."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for run in runs:
-        prefix = out / run.name
+        prefix = out / run.prefix
         written += [plot_tradeoff(run, Path(f"{prefix}_tradeoff.png")),
                     plot_rounds(run, Path(f"{prefix}_rounds.png")),
                     plot_clients(run, Path(f"{prefix}_clients.png"))]
@@ -185,5 +331,7 @@ def write_report(runs: Sequence[RunFiles], out: Path) -> list[Path]:
         if grid.get("alphas"):
             written.append(plot_study(run, Path(f"{prefix}_interpolation.png"), "alpha",
                                       "interpolation"))
-    written.append(write_csv(out / "points.csv", [r for run in runs for r in csv_rows(run)]))
+    rows = mark_pareto_front([r for run in runs for r in csv_rows(run)])
+    written.append(plot_pareto(rows, out / "pareto.png"))
+    written.append(write_csv(out / "points.csv", rows))
     return written

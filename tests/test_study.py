@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ from typer.testing import CliRunner
 
 from profit_ds import io
 from profit_ds.config import resolve
+from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
 from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize
-from profit_ds.plots import CSV_COLUMNS
+from profit_ds.plots import CSV_COLUMNS, SETTING_SOURCES, find_runs, pareto_front
 from profit_ds.runner import run
 from profit_ds.study import StudyGrid, load_run, run_study
 
@@ -110,8 +112,9 @@ def test_report_writes_pngs_and_csv(finished, study, tmp_path):
     assert res.exit_code == 0, res.output
     name = out.resolve().name
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == sorted(f"{name}_{kind}.png" for kind in
-                          ("tradeoff", "rounds", "clients", "regularization", "interpolation"))
+    assert pngs == sorted([f"{name}_{kind}.png" for kind in
+                           ("tradeoff", "rounds", "clients", "regularization", "interpolation")]
+                          + ["pareto.png"])
     for png in tmp_path.glob("*.png"):
         data = png.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
@@ -124,3 +127,88 @@ def test_report_writes_pngs_and_csv(finished, study, tmp_path):
     assert sources.count("personalized_client") == len(results["personalized_clients"])
     assert sources.count("study") == len(study["points"])
     assert json.loads((out / "study.json").read_text())["selected"] == study["selected"]
+
+
+def test_pareto_front_matches_brute_force():
+    """On small integer grids (many ties on one coordinate, identical points) and on floats."""
+    rng = random.Random(0)
+    for trial in range(500):
+        n, grid = rng.randrange(0, 25), rng.choice((3, 6, None))
+        points = [(rng.randrange(grid), rng.randrange(grid)) if grid else
+                  (rng.random(), rng.random()) for _ in range(n)]
+        front = pareto_front(points)
+        dominated = {i for i, p in enumerate(points) for q in points
+                     if q[0] >= p[0] and q[1] >= p[1] and q != p}
+        assert sorted(front) == [i for i in range(n) if i not in dominated], points
+        xs = [points[i][0] for i in front]
+        assert xs == sorted(xs) and (n == 0 or front)
+
+
+def _copy_run(src, dst, shift: float = 0.0):
+    """What `report` reads of a finished run, at `dst`; `shift` moves the federated prompt
+    right (global ROUGE-L) and the personalized points up (local), so that they dominate the
+    original run's."""
+    dst.mkdir(parents=True)
+    results = json.loads((src / "results.json").read_text())
+    results["global"]["global_rouge_l"] += shift
+    for row in results["personalized"]:
+        row["local_rouge_l"] += shift
+    io.write_json(dst / "results.json", results)
+    if (src / "study.json").is_file():
+        (dst / "study.json").write_text((src / "study.json").read_text())
+
+
+def test_report_over_a_directory_of_runs(finished, study, tmp_path):
+    """A sweep-like directory expands to its runs; pareto.png is a real image and points.csv
+    flags exactly pareto_front's points."""
+    from matplotlib.image import imread
+
+    from profit_ds.cli import _register, app
+    _register()
+    out = finished[0]
+    sweep = tmp_path / "sweep"
+    _copy_run(out, sweep / "fedavg-adam" / "seed-0")
+    _copy_run(out, sweep / "fedsgd" / "seed-0", shift=100.0)
+    res = CliRunner().invoke(app, ["report", str(sweep), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    report = tmp_path / "report"
+    for prefix in ("fedavg-adam_seed-0", "fedsgd_seed-0"):
+        assert (report / f"{prefix}_tradeoff.png").is_file()
+    pareto = report / "pareto.png"
+    assert pareto.read_bytes().startswith(PNG_SIGNATURE)
+    image = imread(pareto)
+    assert image.shape[0] >= 400 and image.shape[1] >= 600 and image.std() > 0
+    with (report / "points.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert list(dict.fromkeys(r["run"] for r in rows)) == ["fedavg-adam/seed-0", "fedsgd/seed-0"]
+    settings = [r for r in rows if r["source"] in SETTING_SOURCES and r["split"] == "test"]
+    assert all(r["on_pareto_front"] == "" for r in rows if r not in settings)
+    front = set(pareto_front([(float(r["global_rouge_l"]), float(r["local_rouge_l"]))
+                              for r in settings]))
+    assert [r["on_pareto_front"] for r in settings] == [
+        str(i in front) for i in range(len(settings))]
+    on = {(r["run"], r["source"]): r["on_pareto_front"] for r in settings
+          if r["source"] != "study"}
+    assert on == {("fedavg-adam/seed-0", "federated"): "False",
+                  ("fedavg-adam/seed-0", "personalized"): "False",
+                  ("fedsgd/seed-0", "federated"): "True",
+                  ("fedsgd/seed-0", "personalized"): "True"}
+
+
+def test_report_run_names_and_missing_paths(tmp_path):
+    """Runs given directly keep their directory's name unless two would clash; a path with
+    no run at or below it is a one-line usage error naming it."""
+    for rel in ("a/seed-0", "b/seed-0", "c/x/seed-1", "c/y/seed-1"):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "results.json").write_text("{}")
+    found = find_runs([tmp_path / "a" / "seed-0", tmp_path / "b" / "seed-0", tmp_path / "c",
+                       tmp_path / "a"])
+    assert [name for _, name in found] == ["a/seed-0", "b/seed-0", "x/seed-1", "y/seed-1"]
+    assert [path for path, _ in found] == [(tmp_path / r).resolve() for r in
+                                         ("a/seed-0", "b/seed-0", "c/x/seed-1", "c/y/seed-1")]
+    assert [name for _, name in find_runs([tmp_path / "c" / "x" / "seed-1"])] == ["seed-1"]
+    (tmp_path / "empty").mkdir()
+    for missing in (tmp_path / "empty", tmp_path / "nowhere"):
+        with pytest.raises(UsageError, match=f"^{missing}: not a finished run"):
+            find_runs([tmp_path / "a", missing])

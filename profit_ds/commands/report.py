@@ -1,7 +1,8 @@
 """`profit-ds report RUN_DIR...`: tables, PNG plots and a CSV of every point of finished runs.
 
 Why: a run's results.json holds the trade-off in numbers; comparing runs and reading the
-trade-off needs the curves, and further analysis needs the points in one flat file.
+trade-off needs the curves, and further analysis needs the points in one flat file. A sweep
+writes many runs below one directory, so a directory of runs stands for all of them.
 """
 from __future__ import annotations
 
@@ -14,21 +15,21 @@ from rich.console import Console
 from profit_ds.cli import app
 from profit_ds.commands.personalize import points_table, selection_table
 from profit_ds.errors import UsageError
-from profit_ds.plots import read_run, write_report
+from profit_ds.plots import find_runs, read_run, write_report
 from profit_ds.report import federated_table, personalization_table
 
 
 @app.command()
-def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --output-dir."),
-           out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and points.csv (default: RUN_DIR/report for one run)."),
+def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --output-dir, or directories with runs below them (a sweep's output)."),
+           out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and points.csv (default: RUN_DIR/report for one RUN_DIR)."),
            ) -> None:
-    """Print each run's tables; write trade-off, rounds, per-client (and study) plots and
-    points.csv."""
+    """Print each run's tables; write trade-off, rounds, per-client (and study) plots, the
+    Pareto frontier over all runs, and points.csv."""
     if out is None:
         if len(run_dirs) > 1:
             raise UsageError("--out: give a directory when reporting several runs")
         out = run_dirs[0] / "report"
-    runs = [read_run(d) for d in run_dirs]
+    runs = [read_run(d, name) for d, name in find_runs(run_dirs)]
     console = Console()
     for run in runs:
         console.rule(run.name)
