@@ -109,9 +109,9 @@ def test_one_and_two_ranks_give_the_same_prompts(one_rank_k8, tiny_model_dir, tm
 
 
 def test_shared_prompt_pass_equals_the_concatenated_sequence(reference_model, backbone):
-    """client_loss_sums runs the decoder body and the LM head only at label positions; the
-    loss and prompt gradient must equal the textbook forward of `[prompt ; tokens]` per row
-    through the whole model."""
+    """client_loss_sums computes each client's prompt once and reuses its KV cache for the
+    client's rows; the loss and prompt gradient must equal the textbook forward of
+    `[prompt ; tokens]` per row through the whole model."""
     rows = _rows(backbone.tokenizer, clients=3)
     batch = collate([e for _, e in rows], [c for c, _ in rows], backbone.tokenizer.pad_token_id)
     bank = _bank(4, backbone.hidden_size).requires_grad_(True)  # client 3 has no rows
@@ -128,6 +128,31 @@ def test_shared_prompt_pass_equals_the_concatenated_sequence(reference_model, ba
     (textbook_grad,) = torch.autograd.grad(textbook.sum(), bank)
     assert torch.allclose(ours, textbook, rtol=1e-5)
     assert float((ours_grad - textbook_grad).norm() / textbook_grad.norm()) < RTOL
+
+
+def _graph_ops(root: torch.Tensor) -> set[str]:
+    """Names of every autograd node that backward will run from `root`."""
+    seen, todo = set(), [root.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_gradient_path_has_no_order_dependent_scatter(reference_model, backbone):
+    """A step's prompt gradient must be bit-reproducible: the backward of advanced indexing
+    (IndexBackward0, an index_put with accumulation) adds rows sharing an index with parallel
+    float atomics on CPU, in an order that varies between runs (profit_ds/model/prompted.py);
+    so the training graph must not contain it. Several rows per client make the duplicates."""
+    rows = _rows(backbone.tokenizer, clients=3)
+    batch = collate([e for _, e in rows], [c for c, _ in rows], backbone.tokenizer.pad_token_id)
+    bank = _bank(3, backbone.hidden_size).requires_grad_(True)
+    ops = _graph_ops(client_loss_sums(reference_model, bank, batch).sum())
+    assert "IndexSelectBackward0" in ops  # the graph was walked: the gathers are in it
+    assert not {op for op in ops if op.startswith(("IndexBackward", "IndexPutBackward"))}
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,7 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
     for part in forward_chunks(rows, bank.shape[1], max(rows_per_forward, world),
                                tokens_per_forward() * world):
         mine = part[distributed.my_slice(len(part))]
+        _start_zero3_step(backbone)
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
             sums = client_loss_sums(backbone.model, leaf, batch)
@@ -76,6 +77,21 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
     grads = leaf.grad if leaf.grad is not None else torch.zeros_like(bank)
     distributed.all_reduce_sum(grads, loss_sums)
     return grads.to(bank.dtype), (loss_sums / counts.clamp(min=1)).to(torch.float32)
+
+
+def _start_zero3_step(backbone: Backbone) -> None:
+    """Tell ZeRO-3 that a forward+backward begins, as its hook on the top module would.
+
+    We call the backbone's submodules (embeddings, decoder body, LM head) directly, so that
+    hook never fires; without it DeepSpeed never completes its trace of the module order, and
+    then it all-gathers every layer's parameters one by one, twice per step (forward and
+    backward), each a sync point between ranks. With the trace it fetches them ahead in large
+    coalesced buckets and keeps them from forward to backward. Parameters are still released
+    after the backward.
+    """
+    offload = getattr(backbone.engine, "optimizer", None)
+    if hasattr(offload, "get_param_coordinator"):
+        offload.get_param_coordinator().reset_step()
 
 
 def _label_counts(rows: Sequence[Row], num_clients: int) -> torch.Tensor:
