@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _register() -> None:
     """Import command modules; each decorates its function onto `app`."""
     from profit_ds.commands import (bench, data, export, models, personalize, plan,  # noqa: F401
-                                    report, run, score)
+                                    report, run, score, sweep)
 
 
 def quiet_libraries() -> None:

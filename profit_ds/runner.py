@@ -28,7 +28,7 @@ from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize, summarize
 from profit_ds.fl.rounds import RoundSpec, federated_round
 from profit_ds.fl.server import ServerOptimizer, ServerState
-from profit_ds.model.backbone import init_prompt, load_backbone, resolve_path
+from profit_ds.model.backbone import DTYPES, Backbone, init_prompt, load_backbone, resolve_path
 from profit_ds.report import Reporter
 
 CHECKPOINTS = "checkpoints"
@@ -153,10 +153,16 @@ class Progress:
                    st["federated"], st["records"], prompts)
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     """Run the whole pipeline; returns the results dict (also written to results.json).
 
     With `cfg.resume`, continues from the newest valid checkpoint in the output directory.
+
+    `backbone`: an already loaded backbone to use instead of loading `cfg.model`. Why: a sweep
+    (`profit_ds.sweep`) runs many configs on one backbone in one process; loading and sharding
+    a 7B model takes minutes, and the weights are frozen, so every cell can share one load
+    (results are identical: nothing here changes the backbone). It must have been loaded with
+    `cfg`'s model, dtype, ds_config and trust_remote_code; name and dtype are checked.
     """
     t0 = time.perf_counter()
     out = prepare_output(cfg)
@@ -178,7 +184,11 @@ def run(cfg: RunConfig) -> dict:
     if cfg.resume:
         restored = checkpoint.load_latest(ckpt_dir, cfg_hash, partition.manifest_hash,
                                           warn=reporter.warn)
-    backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code)
+    if backbone is None:
+        backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code)
+    elif (backbone.name, backbone.dtype) != (cfg.model, DTYPES[cfg.dtype]):
+        raise ValueError(f"backbone {backbone.name} ({backbone.dtype}) given for a run of "
+                         f"--model {cfg.model} --dtype {cfg.dtype}")
     P = cfg.resolved_prompt_tokens()
     check_fits(cfg, backbone, P)
     data = encode_partition(backbone.tokenizer, partition, cfg.max_source_tokens,
