@@ -45,7 +45,8 @@ def main() -> None:
     quiet_libraries()
     _register()
     try:
-        app(standalone_mode=False)
+        # without standalone mode, click returns a command's typer.Exit code instead of exiting
+        code = app(standalone_mode=False)
     except UsageError as err:
         if debug:
             raise
@@ -67,3 +68,5 @@ def main() -> None:
             print("aborted", file=sys.stderr)
             sys.exit(130)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -94,3 +94,13 @@ def test_out_of_memory_suggests_remedies(monkeypatch, capsys, tmp_path, tiny_mod
                             ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o")],
                             (runner, "federated_round"), torch.OutOfMemoryError("CUDA out of memory"))
     assert code == 2 and "out of memory" in err and "--clients-in-parallel" in err
+
+
+def test_multi_rank_launch_passes_on_the_ranks_exit_code(tmp_path):
+    """`--num-procs N` re-runs the command as N ranks; when they fail, the launcher must fail
+    with their code (a scheduler or a sweep script relies on it), not exit 0."""
+    res = subprocess.run([sys.executable, "-m", "profit_ds", "run", "--num-procs", "2",
+                          "--model", "llama-9000b", "--output-dir", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr[-1500:]
+    assert "--model llama-9000b" in res.stderr and "Traceback" not in res.stderr
