@@ -36,7 +36,7 @@ class RunConfig:
     # federated training
     algo: str = "fedavg"
     rounds: int = 15
-    clients_per_round: int = 6
+    clients_per_round: int = 12
     local_epochs: int = 2
     batch_size: int = 8
     client_opt: str = "adam"

@@ -59,7 +59,7 @@ def run(
     positive_examples: Optional[int] = typer.Option(None, help="Demonstrations (Positive Examples) in each source text (default 0)."),
     algo: Optional[str] = typer.Option(None, help="fedavg (default) | fedsgd"),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds (default 15)."),
-    clients_per_round: Optional[int] = typer.Option(None, help="Clients sampled per round (default 6)."),
+    clients_per_round: Optional[int] = typer.Option(None, help="Clients sampled per round (default 12)."),
     local_epochs: Optional[int] = typer.Option(None, help="FedAvg local epochs (default 2)."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per client per local step (default 8)."),
     client_opt: Optional[str] = typer.Option(None, help="Client optimizer: adam (default) | sgd"),
