@@ -13,7 +13,7 @@ the same FedAvg rounds (Adam clients, example-weighted averaging), the same loca
 
 Each (variant, ranks) pair runs in fresh processes (peak RSS is per variant); N ranks are N
 processes with RANK/WORLD_SIZE set, as a launcher would. The GEMM peak is measured first, in
-this process, in the benchmark's dtype, on all cores: MFU = model FLOPs / s / that peak.
+this process, in the benchmark's dtype, on all cores: MFU = the FLOPs a variant needs / s / that peak.
 
     python scripts/bench.py --write-docs docs/BENCHMARKS.md     (or: profit-ds bench ...)
 """
@@ -126,20 +126,37 @@ def linear_flops(config, tokens: int) -> float:
 
 
 def row_flops(config, prompt_tokens: int, e) -> float:
-    """Model FLOPs of one training row `[prompt ; source ; target]`, counted the same for every
-    variant: the weights and attention over the whole sequence, and the LM head at label
-    positions only (4 per vocabulary entry per label). Padding and LM-head work at other
-    positions are waste, not counted."""
+    """FLOPs of one training row run as `[prompt ; source ; target]` (what the PEFT loop does):
+    the weights and attention over the whole sequence, and the LM head at label positions only
+    (4 per vocabulary entry per label). Padding and LM-head work at other positions are waste,
+    not counted."""
     t = prompt_tokens + len(e.source) + len(e.target)
     return (linear_flops(config, t) + attention_flops(config, t, t)
             + 4 * len(e.target) * config.hidden_size * config.vocab_size)
 
 
-def round_work(data, w: Workload, round_idx: int, config) -> tuple[int, float]:
-    """Text tokens (source + target, every epoch) and model FLOPs of one round."""
-    rows = [e for c in round_clients(data, w, round_idx) for e in c.train] * w.local_epochs
+def shared_row_flops(config, prompt_tokens: int, e) -> float:
+    """FLOPs of one row in profit-ds, whose rows attend to their client's cached prompt: the
+    weights and the LM head at the row's own tokens, attention over prompt and tokens."""
+    t = len(e.source) + len(e.target)
+    return (linear_flops(config, t) + attention_flops(config, t, prompt_tokens + t)
+            + 4 * len(e.target) * config.hidden_size * config.vocab_size)
+
+
+def round_work(data, w: Workload, round_idx: int, config) -> tuple[int, dict[str, float]]:
+    """Text tokens (source + target, every epoch) and FLOPs of one round as each variant runs
+    it: the PEFT loop runs every row with its prompt; profit-ds runs a client's prompt once per
+    local step (at least: a step whose rows span two forwards runs it twice, so its MFU is, if
+    anything, under-counted) and its rows against that prompt's keys and values."""
+    clients = round_clients(data, w, round_idx)
+    rows = [e for c in clients for e in c.train] * w.local_epochs
+    steps = sum(-(-len(c.train) // w.batch_size) for c in clients) * w.local_epochs
+    prompt_pass = (linear_flops(config, w.prompt_tokens)
+                   + attention_flops(config, w.prompt_tokens, w.prompt_tokens))
+    concatenated = sum(row_flops(config, w.prompt_tokens, e) for e in rows)
+    shared = steps * prompt_pass + sum(shared_row_flops(config, w.prompt_tokens, e) for e in rows)
     return (sum(len(e.source) + len(e.target) for e in rows),
-            sum(row_flops(config, w.prompt_tokens, e) for e in rows))
+            {"peft": concatenated, "K=1": shared, "K=auto": shared})
 
 
 def gemm_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), reps: int = 4) -> float:
@@ -386,7 +403,8 @@ def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], re
     config = AutoConfig.from_pretrained(w.model_dir)
     data = load_data(AutoTokenizer.from_pretrained(w.model_dir), w)
     work = [round_work(data, w, r, config) for r in range(2, w.rounds + 2)]
-    tokens, flops = mean(t for t, _ in work), mean(f for _, f in work)
+    tokens = mean(t for t, _ in work)
+    flops = {v: mean(f[v] for _, f in work) for v in VARIANTS}
     best: dict[tuple[str, int], list[dict]] = {}
     peaks = []
     for _ in range(repeats):
@@ -402,7 +420,7 @@ def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], re
                     best[(variant, ranks)] = per_rank
     peaks.append(gemm_peak(w.torch_dtype))
     reference = torch.tensor(best[(variants[0], rank_counts[0])][0]["prompt"])
-    rows = [summarize(v, n, per_rank, tokens, flops, max(peaks), reference)
+    rows = [summarize(v, n, per_rank, tokens, flops[v], max(peaks), reference)
             for (v, n), per_rank in best.items()]
     return DtypeResult(w.dtype, max(peaks), rows)
 
@@ -525,9 +543,10 @@ WORKLOAD_TEXT = (
     "ZeRO-3 backbone. s/round: the best of {w.rounds} rounds after a warm-up round, in each of "
     "{repeats} run(s) of the variant in rotation with the others (the machine is shared; the "
     "best round is the least disturbed); CPU s/round: that round's CPU time, all ranks. tokens/s: source + target tokens trained "
-    "on (not padding, not virtual tokens). MFU: model FLOPs of `[prompt ; text]` per row "
-    "(forward, backward to the inputs only, LM head at label positions only) per second over "
-    "the best square-matmul rate "
+    "on (not padding, not virtual tokens). MFU: the FLOPs each variant needs (forward, backward "
+    "to the inputs only, LM head at label positions only; `peft`: `[prompt ; text]` per row; "
+    "profit-ds: each client's prompt once per local step, rows attending to its cached keys "
+    "and values) per second over the best square-matmul rate "
     "measured in the same run, same dtype, all cores. Peak RSS: the largest rank's, after "
     "training. `prompt diff`: relative difference of the final global prompt from the table's "
     "first row (the same work in every variant, so float rounding only).")
