@@ -113,6 +113,35 @@ def validate(cfg: RunConfig) -> None:
         _positive("clients_in_parallel", k)
 
 
+# annotation strings, e.g. "int | None" (this module uses postponed annotations)
+FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """`value` as RunConfig field `name` takes it, or a UsageError naming `where`."""
+    if name == "clients_in_parallel" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `clients_in_parallel: 4` means "4", as with --config
+    for alt in (a.strip() for a in FIELD_TYPES[name].split("|")):
+        if alt == "None" and value is None:
+            return None
+        if alt == "bool" and isinstance(value, bool):
+            return value
+        if alt == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if alt == "float" and _is_number(value):
+            return float(value)
+        if alt == "str" and isinstance(value, str):
+            return value
+        if alt == "list[float]" and isinstance(value, list) and all(map(_is_number, value)):
+            return [float(x) for x in value]
+    expected = FIELD_TYPES[name].replace("list[float]", "a list of numbers").replace("|", "or")
+    raise UsageError(f"{where}: expected {expected}, got {value!r}")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON run config; unknown keys are an error naming the key."""
     p = Path(path)
@@ -136,7 +165,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(set(normalized) - known)
     if unknown:
         raise UsageError(f"--config {path}: unknown option {unknown[0]!r}")
-    return normalized
+    return {k: coerce(k, v, f"--config {path}: {k}") for k, v in normalized.items()}
 
 
 def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:

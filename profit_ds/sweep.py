@@ -28,11 +28,11 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profit_ds.config import RunConfig, validate
+from profit_ds.config import FIELD_TYPES, RunConfig, coerce, validate
 from profit_ds.errors import UsageError
 
 TOP_LEVEL = ("output_dir", "base", "settings", "grid", "seeds")
@@ -42,7 +42,6 @@ RESERVED = {"seed": "list the seeds under the top-level 'seeds'",
             "overwrite": "pass --overwrite to `profit-ds sweep`",
             "resume": "a sweep resumes unfinished cells by itself",
             "num_procs": "pass --num-procs to `profit-ds sweep`"}
-FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}  # annotation strings: "int | None"
 SUMMARY_FILES = ("summary.json", "summary.csv")
 
 
@@ -63,31 +62,6 @@ class SweepSpec:
         """What OUTPUT_DIR/sweep.yaml holds: everything that decides the cells' configs."""
         return {"base": self.base, "settings": self.settings, "grid": self.grid,
                 "seeds": self.seeds}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def coerce(name: str, value: Any, where: str) -> Any:
-    """`value` as RunConfig field `name` takes it, or a UsageError naming `where`."""
-    if name == "clients_in_parallel" and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # `clients_in_parallel: 4` means "4", as with --config
-    for alt in (a.strip() for a in FIELD_TYPES[name].split("|")):
-        if alt == "None" and value is None:
-            return None
-        if alt == "bool" and isinstance(value, bool):
-            return value
-        if alt == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if alt == "float" and _is_number(value):
-            return float(value)
-        if alt == "str" and isinstance(value, str):
-            return value
-        if alt == "list[float]" and isinstance(value, list) and all(map(_is_number, value)):
-            return [float(x) for x in value]
-    expected = FIELD_TYPES[name].replace("list[float]", "a list of numbers").replace("|", "or")
-    raise UsageError(f"{where}: expected {expected}, got {value!r}")
 
 
 def _options(path: str, where: str, data: Any, *, allow_name: bool = False) -> dict[str, Any]:

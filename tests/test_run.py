@@ -86,6 +86,22 @@ def test_bad_flags_give_one_line_and_exit_2(args, needle, tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("text,needle", [
+    ("rounds: ten\n", "rounds: expected int"),
+    ("personalize_lrs: 3\n", "personalize_lrs: expected a list of numbers"),
+    ("algo: [fedavg]\n", "algo: expected str"),
+])
+def test_config_file_values_of_the_wrong_type_give_one_line(text, needle, tmp_path):
+    """A --config value of the wrong type is named with its file and key, not a TypeError."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    out = _cli("run", "--output-dir", str(tmp_path / "o"), "--config", str(cfg))
+    assert out.returncode == 2, out.stderr
+    assert f"--config {cfg}: {needle}" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_finished_run_is_not_overwritten(finished_run):
     out, _ = finished_run
     before = (out / "results.json").read_bytes()
