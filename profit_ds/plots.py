@@ -135,16 +135,32 @@ def _curve(ax: Axes, rows: Sequence[dict], label: str, annotate: str) -> None:
                     textcoords="offset points")
 
 
+def _tradeoff_curves(ax: Axes, points: Sequence[dict], federated: dict) -> None:
+    """One curve per lr through its epochs, each starting at the federated prompt (epoch 0)."""
+    for lr in sorted({r["lr"] for r in points}):
+        rows = sorted((r for r in points if r["lr"] == lr), key=lambda r: r["epoch"])
+        _curve(ax, [{**federated, "epoch": 0}] + rows, f"lr {lr:g} (labels: epoch)", "epoch")
+    _federated_point(ax, federated)
+    _tradeoff_axes(ax)
+
+
 def plot_tradeoff(run: RunFiles, path: Path) -> Path:
-    """One curve per personalization lr through its epochs, from the federated prompt."""
-    def draw(ax: Axes) -> None:
-        for lr in sorted({r["lr"] for r in run.results["personalized"]}):
-            start = {**run.results["global"], "epoch": 0}
-            rows = [start] + [r for r in run.results["personalized"] if r["lr"] == lr]
-            _curve(ax, rows, f"lr {lr:g} (labels: epoch)", "epoch")
-        _federated_point(ax, run.results["global"])
-        _tradeoff_axes(ax)
-    return _figure(path, f"{run.name}: personalization trade-off (mean over test clients)", draw)
+    """The run's own personalization grid (results.json): one curve per lr through its epochs."""
+    return _figure(path, f"{run.name}: personalization trade-off (mean over test clients)",
+                   lambda ax: _tradeoff_curves(ax, run.results["personalized"],
+                                               run.results["global"]))
+
+
+def plot_study_tradeoff(run: RunFiles, path: Path) -> Path:
+    """The study's lr x epoch grid (study.json, usually wider than the run's), on the test
+    clients, plain personalization: the smallest proximal weight (0 when in the grid) and the
+    personalized prompt itself (a = 1)."""
+    points = [p for p in run.study["points"] if p["split"] == "test" and p["alpha"] == 1]
+    lam = min(p["prox_lambda"] for p in points)
+    points = [p for p in points if p["prox_lambda"] == lam]
+    suffix = "" if lam == 0 else f", lambda {lam:g}"
+    return _figure(path, f"{run.name}: personalization study{suffix} (test clients)",
+                   lambda ax: _tradeoff_curves(ax, points, run.study["federated"]["test"]))
 
 
 def plot_rounds(run: RunFiles, path: Path) -> Path:
@@ -325,6 +341,8 @@ def write_report(runs: Sequence[RunFiles], out: Path) -> list[Path]:
                     plot_rounds(run, Path(f"{prefix}_rounds.png")),
                     plot_clients(run, Path(f"{prefix}_clients.png"))]
         grid = run.study["grid"] if run.study else {}
+        if run.study:
+            written.append(plot_study_tradeoff(run, Path(f"{prefix}_study_tradeoff.png")))
         if len(grid.get("prox_lambdas", ())) > 1:
             written.append(plot_study(run, Path(f"{prefix}_regularization.png"), "prox_lambda",
                                       "proximal regularization"))

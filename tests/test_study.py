@@ -113,7 +113,8 @@ def test_report_writes_pngs_and_csv(finished, study, tmp_path):
     name = out.resolve().name
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == sorted([f"{name}_{kind}.png" for kind in
-                           ("tradeoff", "rounds", "clients", "regularization", "interpolation")]
+                           ("tradeoff", "rounds", "clients", "study_tradeoff",
+                            "regularization", "interpolation")]
                           + ["pareto.png"])
     for png in tmp_path.glob("*.png"):
         data = png.read_bytes()
