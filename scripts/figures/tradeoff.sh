@@ -10,7 +10,7 @@ for seed in "${SEEDS[@]}"; do
     runs+=("$run")
 done
 profit-ds report "${runs[@]}" --out "$RUNS/tradeoff/report" > "$RUNS/tradeoff/report.txt"
-cp "$RUNS/tradeoff/report/seed-0_tradeoff.png" "$FIGURES/tradeoff_seed0.png"
+cp "$RUNS/tradeoff/report/seed-0_study_tradeoff.png" "$FIGURES/tradeoff_seed0.png"
 cp "$RUNS/tradeoff/report/seed-0_rounds.png" "$FIGURES/rounds_seed0.png"
 cp "$RUNS/tradeoff/report/pareto.png" "$FIGURES/tradeoff_pareto.png"
 python scripts/figures/study_table.py "${runs[@]}" > "$FIGURES/tradeoff_table.md"
