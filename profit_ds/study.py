@@ -161,10 +161,13 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
     """Personalize every client of each needed split with every setting; select; return
     the study dict (what study.json holds)."""
     reporter = reporter or Reporter(enabled=False)
-    unstable = [(lr, lam) for lr in grid.lrs for lam in grid.prox_lambdas if lr * lam >= 2]
+    # SGD's proximal part multiplies p - p_global by 1 - lr * lambda: past 1 every step
+    # overshoots p_global (measured: lr * lambda = 1.5 wrecked personalization, FINDINGS.md §3),
+    # past 2 it diverges even without the loss
+    unstable = [(lr, lam) for lr in grid.lrs for lam in grid.prox_lambdas if lr * lam > 1]
     if grid.opt == "sgd" and unstable:
-        reporter.warn(f"lr x lambda >= 2 for (lr, lambda) in {unstable}: SGD's proximal step "
-                      "overshoots p_global there and oscillates away from it")
+        reporter.warn(f"lr x lambda > 1 for (lr, lambda) in {unstable}: SGD's proximal step "
+                      "overshoots p_global there (keep lr x lambda well below 1)")
     splits = _splits(run.data, grid)
     rows = 1 + len(grid.alphas)
     total = sum((len(c.test) + len(g)) * rows * grid.epochs * len(grid.lrs) * len(grid.prox_lambdas)
