@@ -218,6 +218,59 @@ def plot_study(run: RunFiles, path: Path, vary: str, what: str) -> Path:
     return _figure(path, f"{run.name}: {what} (test clients)", draw)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def sweep_points(summary: dict) -> list[dict]:
+    """A sweep's summary.json as plot points: per group, the federated prompt and each
+    personalization lr after its last epoch, with mean and std over seeds of both scores."""
+    points = []
+    for g in summary["groups"]:
+        name = g["setting"] or g["label"]
+        rows = [("federated", g["federated_global_rouge_l"], g["federated_local_rouge_l"])]
+        rows += [(f"lr {p['lr']:g}", p["global_rouge_l"], p["local_rouge_l"])
+                 for p in g["personalized"]]
+        points += [{"group": name, "kind": kind, "label": f"{name}, {kind}",
+                    "global": glob, "local": local} for kind, glob, local in rows]
+    return points
+
+
+def plot_sweep_means(summary: dict, path: Path) -> Path:
+    """Every setting of a sweep as mean ± std over its seeds (one colour per setting, one
+    marker per prompt), and the Pareto frontier of those means: with a dozen runs the per-run
+    Pareto plot is too busy to read, and a single seed's point says little on its own."""
+    points = sweep_points(summary)
+    kinds = list(dict.fromkeys(p["kind"] for p in points))
+    colors = dict(zip(dict.fromkeys(p["group"] for p in points), itertools.cycle(
+        plt.cm.tab10.colors)))
+    marker = {k: "*" if k == "federated" else MARKERS[i % len(MARKERS)]
+              for i, k in enumerate(kinds)}
+
+    def draw(ax: Axes) -> None:
+        for p in points:
+            ax.errorbar(p["global"]["mean"], p["local"]["mean"], xerr=p["global"]["std"] or 0,
+                        yerr=p["local"]["std"] or 0, fmt=marker[p["kind"]],
+                        color=colors[p["group"]], alpha=0.85, elinewidth=0.8, capsize=2,
+                        markersize=12 if p["kind"] == "federated" else 7,
+                        markeredgecolor="black")
+        for group, color in colors.items():
+            ax.plot([], [], "s", color=color, label=group)
+        for kind in kinds:
+            ax.plot([], [], marker[kind], color="gray", markeredgecolor="black",
+                    label="federated prompt" if kind == "federated" else f"personalized, {kind}")
+        xy = [(p["global"]["mean"], p["local"]["mean"]) for p in points]
+        front = pareto_front(xy)
+        ax.step([xy[i][0] for i in front], [xy[i][1] for i in front], where="post",
+                color="black", linewidth=1, label="Pareto frontier (means)")
+        for i in front:
+            ax.annotate(points[i]["label"], xy[i], textcoords="offset points", xytext=(6, 4),
+                        fontsize=7)
+        _tradeoff_axes(ax)
+        ax.legend(fontsize="small", loc="upper left")
+    return _figure(path, "Sweep: mean ± std over seeds (personalized: last epoch)", draw,
+                   size=(8.0, 6.0))
+
+
 def csv_rows(run: RunFiles) -> list[dict]:
     """Every scored point of a run: federated, personalized means, per client, study points."""
     fed = run.results["global"]
@@ -330,11 +383,14 @@ def write_csv(path: Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def write_report(runs: Sequence[RunFiles], out: Path) -> list[Path]:
+def write_report(runs: Sequence[RunFiles], out: Path,
+                 sweeps: Sequence[tuple[str, dict]] = ()) -> list[Path]:
     """All plots of every run (file names prefixed by its file-safe name), the Pareto plot over
-    all runs, and one points.csv with every point flagged on or off the frontier."""
+    all runs, one points.csv with every point flagged on or off the frontier, and for each
+    (name, summary.json) of `sweeps` its settings' means over seeds."""
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written = [plot_sweep_means(summary, out / f"{file_safe(name)}_settings.png")
+               for name, summary in sweeps]
     for run in runs:
         prefix = out / run.prefix
         written += [plot_tradeoff(run, Path(f"{prefix}_tradeoff.png")),

@@ -17,7 +17,8 @@ from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
 from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize
-from profit_ds.plots import CSV_COLUMNS, SETTING_SOURCES, find_runs, pareto_front
+from profit_ds.plots import (CSV_COLUMNS, SETTING_SOURCES, find_runs, pareto_front,
+                              sweep_points)
 from profit_ds.runner import run
 from profit_ds.study import StudyGrid, load_run, run_study
 
@@ -195,6 +196,42 @@ def test_report_over_a_directory_of_runs(finished, study, tmp_path):
                   ("fedavg-adam/seed-0", "personalized"): "False",
                   ("fedsgd/seed-0", "federated"): "True",
                   ("fedsgd/seed-0", "personalized"): "True"}
+
+
+def _group(name: str, federated: tuple[float, float], lr1: tuple[float, float]) -> dict:
+    """One summary.json group over two seeds: (global, local) means of the federated prompt
+    and of lr 1 after epoch 2, each seed 1 point either side of the mean."""
+    from profit_ds.sweep import stat
+
+    def scores(glob: float, local: float) -> dict:
+        return {"global_rouge_l": stat([glob - 1, glob + 1]),
+                "local_rouge_l": stat([local - 1, local + 1])}
+    fed, pers = scores(*federated), scores(*lr1)
+    return {"group": name, "label": name, "setting": name, "grid": {}, "seeds": [0, 1], "n": 2,
+            "federated_global_rouge_l": fed["global_rouge_l"],
+            "federated_local_rouge_l": fed["local_rouge_l"],
+            "personalized": [{"lr": 1.0, "epoch": 2, **pers}]}
+
+
+def test_report_of_a_sweep_plots_its_settings_means(finished, tmp_path):
+    """A sweep directory (summary.json) also gets its settings' means over seeds and their
+    Pareto frontier: here b's personalized prompt wins locally, a's globally, and both
+    federated prompts are dominated."""
+    from profit_ds.cli import _register, app
+    _register()
+    sweep = tmp_path / "sweep"
+    _copy_run(finished[0], sweep / "a" / "seed-0")
+    summary = {"groups": [_group("a", (30.0, 30.0), (31.0, 50.0)),
+                          _group("b", (20.0, 20.0), (25.0, 80.0))]}
+    (sweep / "summary.json").write_text(json.dumps(summary))
+    points = sweep_points(summary)
+    assert [p["global"]["std"] for p in points] == [2 ** 0.5] * 4
+    front = pareto_front([(p["global"]["mean"], p["local"]["mean"]) for p in points])
+    assert [points[i]["label"] for i in front] == ["b, lr 1", "a, lr 1"]
+    res = CliRunner().invoke(app, ["report", str(sweep), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    png = tmp_path / "report" / "sweep_settings.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE) and png.stat().st_size > 20000
 
 
 def test_report_run_names_and_missing_paths(tmp_path):

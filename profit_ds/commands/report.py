@@ -6,6 +6,7 @@ writes many runs below one directory, so a directory of runs stands for all of t
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -24,12 +25,15 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --out
            out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and points.csv (default: RUN_DIR/report for one RUN_DIR)."),
            ) -> None:
     """Print each run's tables; write trade-off, rounds, per-client (and study) plots, the
-    Pareto frontier over all runs, and points.csv."""
+    Pareto frontier over all runs, points.csv, and for a sweep's directory its settings'
+    means over seeds."""
     if out is None:
         if len(run_dirs) > 1:
             raise UsageError("--out: give a directory when reporting several runs")
         out = run_dirs[0] / "report"
     runs = [read_run(d, name) for d, name in find_runs(run_dirs)]
+    sweeps = [(d.resolve().name, json.loads((d / "summary.json").read_text()))
+              for d in run_dirs if (d / "summary.json").is_file()]
     console = Console()
     for run in runs:
         console.rule(run.name)
@@ -38,5 +42,5 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --out
         if run.study:
             console.print(points_table(run.study))
             console.print(selection_table(run.study))
-    for path in write_report(runs, out):
+    for path in write_report(runs, out, sweeps):
         console.print(f"wrote {path}")
