@@ -1,6 +1,6 @@
-"""A sweep's summary.json as the Markdown table docs/FINDINGS.md quotes.
+"""Sweeps' summary.json files as one Markdown table, as docs/FINDINGS.md quotes them.
 
-    python scripts/figures/sweep_table.py OUTPUT_DIR/summary.json
+    python scripts/figures/sweep_table.py OUTPUT_DIR/summary.json [MORE/summary.json...]
 
 One row per group (setting + grid values): initial and federated global ROUGE-L, then for each
 personalization lr after its last epoch the local and global ROUGE-L; mean ± sample std over
@@ -17,8 +17,8 @@ def cell(s: dict) -> str:
     return f"{s['mean']:.1f}" + ("" if s["std"] is None else f" ± {s['std']:.1f}")
 
 
-def main(path: str) -> None:
-    groups = json.loads(Path(path).read_text())["groups"]
+def main(paths: list[str]) -> None:
+    groups = [g for path in paths for g in json.loads(Path(path).read_text())["groups"]]
     lrs = [p["lr"] for p in groups[0]["personalized"]]
     keys = list(groups[0]["grid"])
     header = (["setting", *keys, "seeds", "initial global", "federated global"]
@@ -34,4 +34,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
