@@ -142,20 +142,25 @@ def coerce(name: str, value: Any, where: str) -> Any:
     raise UsageError(f"{where}: expected {expected}, got {value!r}")
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML or JSON run config; unknown keys are an error naming the key."""
+def read_config_file(path: str) -> Any:
+    """The parsed content of a `--config` file (JSON by suffix, else YAML), or a UsageError
+    naming the file; shared by `run --config` and `sweep --config`."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path}: no such file")
-    text = p.read_text(encoding="utf-8")
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
+            return json.loads(text)
+        import yaml
+        return yaml.safe_load(text)
     except Exception as err:  # yaml and json raise different types; both mean "malformed"
         raise UsageError(f"--config {path}: cannot parse ({str(err).splitlines()[0]})") from None
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or JSON run config; unknown keys are an error naming the key."""
+    data = read_config_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

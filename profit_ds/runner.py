@@ -43,6 +43,25 @@ def load_tasks(cfg: RunConfig):
     return load_sni(cfg.data, languages=None if cfg.language == "any" else (cfg.language,))
 
 
+def partition_spec(cfg: RunConfig) -> PartitionSpec:
+    """The partition options of a run config."""
+    return PartitionSpec(heterogeneity=cfg.heterogeneity, num_clients=cfg.num_clients,
+                         validation_fraction=cfg.validation_fraction,
+                         test_fraction=cfg.test_fraction, max_per_client=cfg.max_per_client,
+                         seed=cfg.seed)
+
+
+def run_partition(cfg: RunConfig, tasks):
+    """The run's seeded partition of `tasks` (the same clients every time: `personalize` and
+    `sweep` rebuild it with this too); more clients per round than train clients is an error."""
+    partition = build_partition(tasks, partition_spec(cfg),
+                                FormatSpec(num_positive_examples=cfg.positive_examples))
+    if cfg.clients_per_round > len(partition.train_clients):
+        raise UsageError(f"--clients-per-round {cfg.clients_per_round}: only "
+                         f"{len(partition.train_clients)} train clients")
+    return partition
+
+
 def clients_in_parallel(cfg: RunConfig, data: FederatedData, prompt_tokens: int) -> int:
     """K: `--clients-in-parallel`, or `auto` = as many clients per step as fit a token budget
     per rank (a full step of one client is `batch_size` rows of about the mean length)."""
@@ -168,16 +187,7 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     out = prepare_output(cfg)
     resolve_path(cfg.model)  # a bad --model fails now, not after the data is loaded
     reporter = Reporter(enabled=distributed.is_main())
-    tasks = load_tasks(cfg)
-    partition = build_partition(
-        tasks, PartitionSpec(heterogeneity=cfg.heterogeneity, num_clients=cfg.num_clients,
-                             validation_fraction=cfg.validation_fraction,
-                             test_fraction=cfg.test_fraction,
-                             max_per_client=cfg.max_per_client, seed=cfg.seed),
-        FormatSpec(num_positive_examples=cfg.positive_examples))
-    if cfg.clients_per_round > len(partition.train_clients):
-        raise UsageError(f"--clients-per-round {cfg.clients_per_round}: only "
-                         f"{len(partition.train_clients)} train clients")
+    partition = run_partition(cfg, load_tasks(cfg))
     cfg_hash = checkpoint.config_hash(cfg.to_dict())
     ckpt_dir = out / CHECKPOINTS
     restored = None

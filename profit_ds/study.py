@@ -18,8 +18,6 @@ import torch
 
 from profit_ds import distributed, io
 from profit_ds.config import RunConfig, resolve
-from profit_ds.data.format import FormatSpec
-from profit_ds.data.partition import PartitionSpec, build_partition
 from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
 from profit_ds.export import read_prompt
@@ -32,6 +30,7 @@ from profit_ds.runner import (
     clients_in_parallel,
     load_tasks,
     max_new_tokens,
+    run_partition,
     shared_prompt_scores,
 )
 
@@ -91,13 +90,7 @@ def load_run(run_dir: Path) -> FinishedRun:
     if not results_path.is_file() or not config_path.is_file():
         raise UsageError(f"{run_dir}: not a finished run (no results.json / config.json)")
     cfg = resolve(None, json.loads(config_path.read_text()))
-    partition = build_partition(
-        load_tasks(cfg),
-        PartitionSpec(heterogeneity=cfg.heterogeneity, num_clients=cfg.num_clients,
-                      validation_fraction=cfg.validation_fraction,
-                      test_fraction=cfg.test_fraction, max_per_client=cfg.max_per_client,
-                      seed=cfg.seed),
-        FormatSpec(num_positive_examples=cfg.positive_examples))
+    partition = run_partition(cfg, load_tasks(cfg))
     recorded = json.loads(results_path.read_text())["data"]["manifest_hash"]
     if partition.manifest_hash != recorded:
         raise UsageError(f"{run_dir}: the rebuilt partition differs from the run's "

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profit_ds.config import FIELD_TYPES, RunConfig, coerce, validate
+from profit_ds.config import FIELD_TYPES, RunConfig, coerce, read_config_file, validate
 from profit_ds.errors import UsageError
 
 TOP_LEVEL = ("output_dir", "base", "settings", "grid", "seeds")
@@ -86,20 +86,6 @@ def _non_empty_list(path: str, where: str, value: Any) -> list:
     if not isinstance(value, list) or not value:
         raise UsageError(f"{path}: {where}: expected a non-empty list, got {value!r}")
     return value
-
-
-def read_spec_file(path: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".json":
-            return json.loads(text)
-        import yaml
-        return yaml.safe_load(text)
-    except Exception as err:  # yaml and json raise different types; both mean "malformed"
-        raise UsageError(f"--config {path}: cannot parse ({str(err).splitlines()[0]})") from None
 
 
 def parse_spec(data: Any, path: str) -> SweepSpec:
@@ -171,7 +157,7 @@ def parse_spec(data: Any, path: str) -> SweepSpec:
 
 
 def load_spec(path: str) -> SweepSpec:
-    return parse_spec(read_spec_file(path), path)
+    return parse_spec(read_config_file(path), path)
 
 
 # --------------------------------------------------------------------------- plan
@@ -260,12 +246,10 @@ def check_before_running(cells: Sequence[Cell], cfgs: Sequence[RunConfig], path:
                          n_cells: int) -> None:
     """What `runner.run` would reject only after loading things, checked for every cell now: the
     model name, the DeepSpeed config, and the partition (built once per distinct data spec; it
-    is cheap next to training). Mirrors the first steps of runner.run."""
-    from profit_ds.data.format import FormatSpec
-    from profit_ds.data.partition import PartitionSpec, build_partition
+    is cheap next to training). Uses runner.run's own steps."""
     from profit_ds.model.backbone import resolve_path
     from profit_ds.model.ds_config import load_ds_config
-    from profit_ds.runner import load_tasks
+    from profit_ds.runner import load_tasks, partition_spec, run_partition
 
     tasks: dict[tuple, list] = {}
     seen: set = set()
@@ -273,22 +257,14 @@ def check_before_running(cells: Sequence[Cell], cfgs: Sequence[RunConfig], path:
         try:
             resolve_path(cfg.model)
             load_ds_config(cfg.ds_config, dtype=cfg.dtype, micro_batch=1)
-            spec = PartitionSpec(heterogeneity=cfg.heterogeneity, num_clients=cfg.num_clients,
-                                 validation_fraction=cfg.validation_fraction,
-                                 test_fraction=cfg.test_fraction,
-                                 max_per_client=cfg.max_per_client, seed=cfg.seed)
             data_key = (cfg.data, cfg.language, cfg.instances_per_task)
-            key = (data_key, spec, cfg.positive_examples, cfg.clients_per_round)
+            key = (data_key, partition_spec(cfg), cfg.positive_examples, cfg.clients_per_round)
             if key in seen:
                 continue
             seen.add(key)
             if data_key not in tasks:
                 tasks[data_key] = load_tasks(cfg)
-            partition = build_partition(tasks[data_key], spec,
-                                        FormatSpec(num_positive_examples=cfg.positive_examples))
-            if cfg.clients_per_round > len(partition.train_clients):
-                raise UsageError(f"--clients-per-round {cfg.clients_per_round}: only "
-                                 f"{len(partition.train_clients)} train clients")
+            run_partition(cfg, tasks[data_key])
         except UsageError as err:
             raise UsageError(f"{path}: cell {cell.index}/{n_cells} ({cell.label}, seed "
                              f"{cell.seed}): {err}") from None
