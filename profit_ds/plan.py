@@ -24,14 +24,14 @@ weights + gathered terms (it assumes an optimizer; only its parameter part appli
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 
 from profit_ds.config import RunConfig
 from profit_ds.errors import UsageError
 from profit_ds.model.aliases import gated_hint, resolve_model
-from profit_ds.model.ds_config import deepspeed_zero, load_ds_config, offloads_params
+from profit_ds.model.ds_config import (deepspeed_zero, load_ds_config, offloads_params,
+                                       without_zero_init)
 
 GB = 10**9
 BF16 = 2
@@ -141,24 +141,6 @@ def model_config(name: str):
         hint = gated_hint(ref.location, err) or "give an alias (profit-ds models) or a local path"
         raise UsageError(f"--model {name}: cannot read its config.json "
                          f"({str(err).splitlines()[0]}); {hint}") from None
-
-
-@contextlib.contextmanager
-def without_zero_init():
-    """Hide a registered ZeRO-3 config from transformers for a moment.
-
-    While a backbone is loaded in this process (tests, or a planning call inside a run),
-    transformers builds every model inside `deepspeed.zero.Init`, which ignores the meta device
-    and would materialize a 7B model in host memory.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def shape_of(config, name: str) -> ModelShape:

@@ -48,7 +48,8 @@ class Reporter:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.model.parameters())
         self.console.print(
             f"[bold]profit-ds[/bold]  backbone {backbone.name} ({n_params / 1e6:.2f}M params, "
-            f"{str(backbone.dtype).replace('torch.', '')}, ZeRO-3)  clients: "
+            f"{str(backbone.dtype).replace('torch.', '')}, "
+            f"{'ZeRO-3' if backbone.engine is not None else 'whole on 1 rank'})  clients: "
             f"{len(partition.train_clients)} train / {len(partition.validation_clients)} "
             f"validation / {len(partition.test_clients)} test  global test: "
             f"{len(partition.global_test)} examples  clients in parallel: {k_parallel}")

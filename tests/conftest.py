@@ -34,8 +34,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def backbone(tiny_model_dir):
+    """ZeRO-3 even at one rank (where a run would use the whole model), so that the tests
+    that take it check DeepSpeed's sharded forward and backward against plain references."""
     from profit_ds.model.backbone import load_backbone
-    return load_backbone(str(tiny_model_dir), "fp32")
+    return load_backbone(str(tiny_model_dir), "fp32", zero3=True)
 
 
 @pytest.fixture(scope="session")

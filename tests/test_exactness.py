@@ -175,6 +175,26 @@ def test_bf16_gradient_is_close_to_fp32(backbone, bf16_backbone):
     assert torch.allclose(loss16, loss32, rtol=2e-2)
 
 
+def test_bf16_on_cpu_uses_eager_attention_with_sdpa_gradients(backbone, bf16_backbone):
+    """CPU flash attention (SDPA's pick) is several times slower than eager in bf16
+    (backbone.attention_implementation); eager must give the same gradients up to bf16
+    rounding."""
+    model = bf16_backbone.model
+    assert model.config._attn_implementation == "eager"
+    rows = _rows(backbone.tokenizer, clients=3)
+    bank = _bank(3, backbone.hidden_size)
+    eager, _ = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+    model.set_attn_implementation("sdpa")
+    try:
+        sdpa, _ = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+    finally:
+        model.set_attn_implementation("eager")
+    assert eager.abs().sum() > 0
+    for k in range(3):
+        rel = (eager[k] - sdpa[k]).norm() / sdpa[k].norm()
+        assert rel < 0.02, f"client {k}: eager vs sdpa relative gradient difference {rel:.3f}"
+
+
 def test_bf16_run_end_to_end(tiny_model_dir, tmp_path, bf16_backbone):
     out = _run_in_process(tiny_model_dir, tmp_path / "bf16", dtype="bf16",
                           clients_in_parallel="auto")

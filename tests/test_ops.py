@@ -23,7 +23,7 @@ from profit_ds import plan as planning
 from profit_ds.errors import UsageError
 from profit_ds.model.aliases import ALIASES, gated_hint, resolve_model
 from profit_ds.model.ds_config import (BUNDLED, bundled_text, deepspeed_zero, load_ds_config,
-                                       offloads_params)
+                                       offloads_params, without_zero_init)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = sorted((ROOT / "scripts").glob("launch_*.sh"))
@@ -146,7 +146,7 @@ def test_user_config_file_overrides_bundled(tmp_path):
 def test_plan_counts_parameters_exactly(tmp_path, config):
     config.save_pretrained(tmp_path)  # config.json only: planning needs no weights
     torch.manual_seed(0)
-    with planning.without_zero_init():  # a ZeRO-3 backbone of another test may be registered
+    with without_zero_init():  # a ZeRO-3 backbone of another test may be registered
         model = AutoModelForCausalLM.from_config(config)  # random init, real tensors
     shape = planning.model_shape(str(tmp_path))
     assert shape.params == sum(p.numel() for p in model.parameters())

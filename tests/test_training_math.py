@@ -53,6 +53,25 @@ def test_zero3_prompt_gradient_equals_unsharded_model(backbone, reference_model)
         assert torch.allclose(losses[k], ref_loss, rtol=1e-5)
 
 
+def test_one_rank_runs_the_whole_model_with_the_same_gradients(tiny_model_dir, backbone):
+    """At one rank without offload ZeRO-3 has nothing to partition, so the model runs plain;
+    its gradients are ZeRO-3's (checked against an unsharded model above) up to rounding."""
+    from profit_ds.model.backbone import load_backbone
+
+    whole = load_backbone(str(tiny_model_dir), "fp32")
+    assert whole.engine is None and backbone.engine is not None
+    assert not any(hasattr(p, "ds_id") for p in whole.model.parameters())
+    assert whole.resident_parameter_bytes() == backbone.resident_parameter_bytes()
+    clients = _clients(backbone)
+    bank = _bank(backbone, len(clients))
+    rows = [(k, e) for k, c in enumerate(clients) for e in c.train]
+    plain, plain_losses = mean_loss_gradients(whole, bank, rows, rows_per_forward=4)
+    sharded, sharded_losses = mean_loss_gradients(backbone, bank, rows, rows_per_forward=4)
+    assert plain.abs().sum() > 0
+    assert (plain - sharded).norm() / sharded.norm() < 1e-6
+    assert torch.allclose(plain_losses, sharded_losses, rtol=1e-6)
+
+
 def test_client_gradient_does_not_depend_on_batch_mates(backbone):
     clients = _clients(backbone)
     bank = _bank(backbone, len(clients))

@@ -4,26 +4,33 @@ DeepSpeed partitions the frozen weights across ranks and gathers each layer on t
 forward and backward (DESIGN.md point 1). The config is registered with `HfDeepSpeedConfig`
 *before* `from_pretrained`, so transformers builds the model inside `deepspeed.zero.Init`:
 a 7B backbone is partitioned while loading, never materialized whole on one rank.
+
+One rank that holds the whole model (no parameter offload) has nothing to partition; there
+ZeRO-3 would only add its per-module hooks, so the plain model runs (measured in
+docs/BENCHMARKS.md: a round 1.2-1.9x faster on this CPU).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+
 import torch
 
 from profit_ds import distributed
 from profit_ds.errors import UsageError
 from profit_ds.model.aliases import gated_hint, resolve_model
-from profit_ds.model.ds_config import load_ds_config
+from profit_ds.model.ds_config import load_ds_config, offloads_params, without_zero_init
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Backbone:
-    """The frozen, sharded model (hooks installed by DeepSpeed) and its tokenizer."""
+    """The frozen model (ZeRO-3 shards and hooks installed by DeepSpeed, or whole on one
+    rank) and its tokenizer."""
 
     model: torch.nn.Module
-    engine: object
+    engine: object  # DeepSpeed's engine; None for a whole model on one rank
     tokenizer: object
     name: str
     dtype: torch.dtype
@@ -45,11 +52,25 @@ def resolve_path(name: str) -> str:
     return resolve_model(name).location
 
 
-def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
-                  trust_remote_code: bool = False) -> Backbone:
-    """Load, freeze and shard the backbone; same call on every rank.
+def attention_implementation(dtype: str) -> str | None:
+    """"eager" for bf16 on a CPU, else None (transformers' default, SDPA).
 
-    `ds_config`: a ZeRO-3 JSON file or bundled config name (None: the default for `dtype`).
+    PyTorch's CPU flash-attention kernel, which SDPA picks, is slow in bf16: at a training
+    step's shape (96 rows, 8 heads, 45 queries, 65 keys) its forward and backward took 93 ms
+    against 20 ms for eager attention's plain matmuls and softmax (docs/BENCHMARKS.md). In fp32
+    the two are on par, so fp32 keeps the default and its numerics.
+    """
+    return "eager" if dtype == "bf16" and distributed.device().type == "cpu" else None
+
+
+def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
+                  trust_remote_code: bool = False, zero3: bool | None = None) -> Backbone:
+    """Load, freeze and (with ZeRO-3) shard the backbone; same call on every rank.
+
+    `ds_config`: a ZeRO-3 JSON file or bundled config name (None: the default for `dtype`);
+    read and checked even when one rank runs the model whole, so a bad file fails the same way.
+    `zero3`: wrap in ZeRO-3; None: where it does something, with several ranks or a config that
+    offloads parameters (tests force it on to check ZeRO-3 against a plain model).
     """
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,11 +81,17 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
     path = resolve_path(name)
     distributed.setup()
     config = load_ds_config(ds_config, dtype=dtype, micro_batch=1)
-    hf_ds_config = HfDeepSpeedConfig(config)  # from_pretrained now builds inside zero.Init
+    if zero3 is None:
+        zero3 = distributed.world() > 1 or offloads_params(config)
+    # registered, the config makes from_pretrained build inside zero.Init; a whole model must
+    # not see another backbone's registration either (tests load several in one process)
+    hf_ds_config = HfDeepSpeedConfig(config) if zero3 else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code)
+        with contextlib.nullcontext() if zero3 else without_zero_init(), _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], attn_implementation=attention_implementation(dtype),
+                trust_remote_code=trust_remote_code)
     except OSError as err:
         hint = gated_hint(path, err)
         raise UsageError(hint or f"--model {name}: cannot load ({str(err).splitlines()[0]})"
@@ -72,10 +99,29 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
+    if not zero3:
+        return Backbone(model=model.to(distributed.device()).eval(), engine=None,
+                        tokenizer=tokenizer, name=name, dtype=DTYPES[dtype])
     engine = deepspeed.initialize(model=model, config=config)[0]
     engine.eval()
     return Backbone(model=engine.module, engine=engine, tokenizer=tokenizer, name=name,
                     dtype=DTYPES[dtype], hf_ds_config=hf_ds_config)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No transformers "Loading weights" bar: a run reports its own phases, and an input error
+    found right after loading (a tokenizer that does not match the weights) must stay the one
+    line on stderr. (Under ZeRO-3, transformers loads through another path without a bar.)"""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def init_prompt(backbone: Backbone, num_tokens: int, mode: str, seed: int) -> torch.Tensor:

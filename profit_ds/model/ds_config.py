@@ -66,6 +66,25 @@ def offloads_params(config: dict) -> bool:
     return offload.get("device", "none") == "cpu"
 
 
+@contextlib.contextmanager
+def without_zero_init():
+    """Hide a registered ZeRO-3 config from transformers for a moment.
+
+    While a ZeRO-3 backbone is loaded in this process (tests, or a planning call inside a run),
+    transformers builds every model inside `deepspeed.zero.Init`: that would partition a model
+    meant to stay whole, and it ignores the meta device, so it would materialize a 7B model
+    that planning only means to measure.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def deepspeed_zero() -> ModuleType:
     """DeepSpeed's ZeRO package (its config model and stage-3 memory estimators).
 
