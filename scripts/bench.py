@@ -6,10 +6,14 @@ the same FedAvg rounds (Adam clients, example-weighted averaging), the same loca
 
 - `peft`: what OpenFedLLM does: `get_peft_model` with PromptTuningConfig, and for each client
   load the global prompt, make a fresh torch optimizer, train, read the prompt back;
-  sequentially, in plain PyTorch. With N ranks each rank takes 1/N of the clients and holds a
-  whole copy of the model (client parallelism: the straightforward way to use N workers).
-- `K=1`, `K=auto`: profit-ds (`federated_round`) on a ZeRO-3 backbone sharded over N ranks,
-  one client per batched step, or as many as `--clients-in-parallel auto` picks.
+  sequentially, in plain PyTorch, with transformers' default attention (SDPA). With N ranks it
+  is data parallel: each rank holds a whole copy of the model and takes its share of every
+  batch, as DDP would.
+- `peft-eager`: the same loop with the attention kernel profit-ds picks, where that differs
+  (eager in bf16 on a CPU): the comparison of designs with the kernels held equal.
+- `K=1`, `K=auto`: profit-ds (`federated_round`) on a ZeRO-3 backbone sharded over N ranks (the
+  whole model at 1 rank, as `profit-ds run` does), one client per batched step, or as many as
+  `--clients-in-parallel auto` picks.
 
 Each (variant, ranks) pair runs in fresh processes (peak RSS is per variant); N ranks are N
 processes with RANK/WORLD_SIZE set, as a launcher would. The GEMM peak is measured first, in
@@ -40,7 +44,7 @@ import torch
 
 SECTION = "## Training and generation"
 END_OF_FIGURES = "<!-- end of the figures scripts/bench.py writes; notes below are kept -->"
-VARIANTS = ("K=1", "K=auto", "peft")
+VARIANTS = ("K=1", "K=auto", "peft", "peft-eager")
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,7 @@ def round_work(data, w: Workload, round_idx: int, config) -> tuple[int, dict[str
     concatenated = sum(row_flops(config, w.prompt_tokens, e) for e in rows)
     shared = steps * prompt_pass + sum(shared_row_flops(config, w.prompt_tokens, e) for e in rows)
     return (sum(len(e.source) + len(e.target) for e in rows),
-            {"peft": concatenated, "K=1": shared, "K=auto": shared})
+            {"peft": concatenated, "peft-eager": concatenated, "K=1": shared, "K=auto": shared})
 
 
 def gemm_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), reps: int = 4) -> float:
@@ -219,7 +223,7 @@ def profit_ds_worker(w: Workload, k: str, prompt: torch.Tensor) -> dict:
     result = {"k": min(k_parallel, w.clients_per_round), **times, "prompt": prompt.tolist(),
               "peak_rss": peak_rss_bytes(),
               "resident_bytes": backbone.resident_parameter_bytes(),
-              "total_bytes": sum(p.ds_numel * p.element_size()
+              "total_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
                                  for p in backbone.model.parameters())}
     if k == "auto":
         result["generation"] = generation_rates(backbone, data, prompt)
@@ -260,11 +264,12 @@ def generation_rates(backbone, data, prompt: torch.Tensor) -> dict:
             "max_new_tokens": new_tokens}
 
 
-def peft_worker(w: Workload, prompt: torch.Tensor) -> dict:
+def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None) -> dict:
     """The straightforward loop, plain PyTorch: per client, load the global prompt into the PEFT
     model, fresh Adam, train its local steps, read the prompt back; average. At N ranks it is
     data parallel as DDP would run it: each rank holds the whole model, takes its share of
-    every batch, and the prompt gradient is summed over ranks before each step."""
+    every batch, and the prompt gradient is summed over ranks before each step. `attention`:
+    transformers' attention implementation (None: its default)."""
     import torch.distributed as dist
     from peft import (PromptTuningConfig, get_peft_model, get_peft_model_state_dict,
                       set_peft_model_state_dict)
@@ -278,7 +283,8 @@ def peft_worker(w: Workload, prompt: torch.Tensor) -> dict:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
     tokenizer = AutoTokenizer.from_pretrained(w.model_dir)
-    base = LlamaForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype).eval()
+    base = LlamaForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype,
+                                            attn_implementation=attention).eval()
     base.requires_grad_(False)
     model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM",
                                                     num_virtual_tokens=w.prompt_tokens))
@@ -326,6 +332,8 @@ def worker_main(args: argparse.Namespace) -> None:
     prompt = initial_prompt(w.model_dir, w.prompt_tokens, w.seed)
     if args.worker == "peft":
         result = peft_worker(w, prompt)
+    elif args.worker == "peft-eager":
+        result = peft_worker(w, prompt, "eager")
     else:
         result = profit_ds_worker(w, args.worker.split("=")[1], prompt)
     rank = os.environ.get("RANK", "0")
@@ -400,6 +408,10 @@ def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], re
     comparison), with GEMM peak samples in between."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from profit_ds.model.backbone import attention_implementation
+
+    if attention_implementation(w.dtype) != "eager":  # then `peft` already runs our kernel
+        variants = [v for v in variants if v != "peft-eager"]
     config = AutoConfig.from_pretrained(w.model_dir)
     data = load_data(AutoTokenizer.from_pretrained(w.model_dir), w)
     work = [round_work(data, w, r, config) for r in range(2, w.rounds + 2)]
@@ -440,7 +452,7 @@ def targets(result: DtypeResult) -> list[tuple[str, str, float, bool]]:
                     value >= bound if at_least else value <= bound))
 
     for ranks in sorted({r.ranks for r in result.rows}):
-        k1, auto, peft = (find(result.rows, v, ranks) for v in VARIANTS)
+        k1, auto, peft, peft_eager = (find(result.rows, v, ranks) for v in VARIANTS)
         if not (k1 and auto and peft):
             continue
         where = "1 rank" if ranks == 1 else f"{ranks} ranks"
@@ -458,6 +470,9 @@ def targets(result: DtypeResult) -> list[tuple[str, str, float, bool]]:
                 at_least=False)
         add(f"{where}: K=auto >= 1.5x faster than PEFT", "PEFT s / K=auto s",
             peft.seconds / auto.seconds, 1.5)
+        if peft_eager:
+            add(f"{where}: K=auto >= 1.5x faster than PEFT, both with eager attention",
+                "PEFT-eager s / K=auto s", peft_eager.seconds / auto.seconds, 1.5)
     ours = [r for r in result.rows if r.variant == "K=auto"]
     if ours:
         best = max(ours, key=lambda r: r.mfu)
@@ -539,8 +554,10 @@ WORKLOAD_TEXT = (
     "({w.instances_per_task} instances per task), {w.prompt_tokens} virtual tokens; backbone: "
     "random-init Llama, 4 layers, 512 wide, vocabulary 1,009. `peft` is the OpenFedLLM-style "
     "loop (get_peft_model, per client: load the global prompt, fresh Adam, train, read back), "
-    "data parallel at N ranks with a whole model on each; `K=1`, `K=auto` are profit-ds on a "
-    "ZeRO-3 backbone. s/round: the best of {w.rounds} rounds after a warm-up round, in each of "
+    "data parallel at N ranks with a whole model on each, transformers' default attention "
+    "(SDPA); `peft-eager` (bf16 only) is that loop with the attention kernel profit-ds picks "
+    "for bf16 on a CPU (eager); `K=1`, `K=auto` are profit-ds on a ZeRO-3 backbone at 2 ranks "
+    "and the whole model at 1 rank (as `profit-ds run` does). s/round: the best of {w.rounds} rounds after a warm-up round, in each of "
     "{repeats} run(s) of the variant in rotation with the others (the machine is shared; the "
     "best round is the least disturbed); CPU s/round: that round's CPU time, all ranks. tokens/s: source + target tokens trained "
     "on (not padding, not virtual tokens). MFU: the FLOPs each variant needs (forward, backward "
@@ -575,7 +592,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
     p.add_argument("--dtypes", default="fp32,bf16", help="backbone dtypes (default fp32,bf16)")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"a subset of {','.join(VARIANTS)} (targets need all three)")
+                   help=f"a subset of {','.join(VARIANTS)} (targets need the first three; "
+                        "peft-eager runs only where profit-ds picks eager attention)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default 3)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every variant this many times in rotation, keep each one's best")
