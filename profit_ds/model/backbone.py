@@ -7,7 +7,7 @@ a 7B backbone is partitioned while loading, never materialized whole on one rank
 
 One rank that holds the whole model (no parameter offload) has nothing to partition; there
 ZeRO-3 would only add its per-module hooks, so the plain model runs (measured in
-docs/BENCHMARKS.md: a round 1.2-1.9x faster on this CPU).
+docs/BENCHMARKS.md: a round 1.15-1.9x faster on this CPU).
 """
 from __future__ import annotations
 
