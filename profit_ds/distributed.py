@@ -97,7 +97,8 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
     """Sum tensors over ranks in place, flattened into one collective."""
     if world() == 1:
         return
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    # NCCL reduces only tensors on this rank's GPU; the callers' tensors live on the CPU
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).to(device())
     dist.all_reduce(flat)
     offset = 0
     for t in tensors:

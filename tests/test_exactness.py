@@ -195,6 +195,22 @@ def test_bf16_on_cpu_uses_eager_attention_with_sdpa_gradients(backbone, bf16_bac
         assert rel < 0.02, f"client {k}: eager vs sdpa relative gradient difference {rel:.3f}"
 
 
+def test_an_offload_config_keeps_zero3_at_one_rank(tiny_model_dir, backbone, bf16_backbone):
+    """Parameter offload is ZeRO-3's (the shards live in CPU RAM), so one rank with that config
+    still gets DeepSpeed; its gradients match the whole bf16 model's up to bf16 rounding."""
+    from profit_ds.model.backbone import load_backbone
+
+    offloaded = load_backbone(str(tiny_model_dir), "bf16", ds_config="zero3_gpu_bf16_offload")
+    assert offloaded.engine is not None and bf16_backbone.engine is None
+    assert all(hasattr(p, "ds_id") for p in offloaded.model.parameters())
+    rows = _rows(backbone.tokenizer, clients=3)
+    bank = _bank(3, backbone.hidden_size)
+    sharded, _ = mean_loss_gradients(offloaded, bank, rows, 64)
+    whole, _ = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+    assert whole.abs().sum() > 0
+    assert (sharded - whole).norm() / whole.norm() < 0.02
+
+
 def test_bf16_run_end_to_end(tiny_model_dir, tmp_path, bf16_backbone):
     out = _run_in_process(tiny_model_dir, tmp_path / "bf16", dtype="bf16",
                           clients_in_parallel="auto")

@@ -23,18 +23,21 @@ from profit_ds.model.prompted import Encoded
 
 def _left_padded_inputs(backbone: Backbone, bank: torch.Tensor,
                         jobs: Sequence[tuple[int, Encoded]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row r: left padding, `bank[k_r]`, the source tokens; on the model's device."""
     pad = backbone.tokenizer.pad_token_id
     num_prompt = bank.shape[1]
     length = max(len(e.source) for _, e in jobs)
     ids = torch.full((len(jobs), length), pad, dtype=torch.long)
     for r, (_, e) in enumerate(jobs):
         ids[r, length - len(e.source):] = torch.tensor(e.source)
-    token_embeds = backbone.model.get_input_embeddings()(ids)
+    embedding = backbone.model.get_input_embeddings()
+    token_embeds = embedding(ids.to(embedding.weight.device))
     embeds = token_embeds.new_zeros(len(jobs), num_prompt + length, token_embeds.shape[-1])
-    mask = torch.zeros(len(jobs), num_prompt + length, dtype=torch.long)
+    mask = torch.zeros(len(jobs), num_prompt + length, dtype=torch.long,
+                       device=token_embeds.device)
     for r, (k, e) in enumerate(jobs):
         n_pad = length - len(e.source)
-        embeds[r, n_pad: n_pad + num_prompt] = bank[k].to(embeds.dtype)
+        embeds[r, n_pad: n_pad + num_prompt] = bank[k].to(embeds.device, embeds.dtype)
         embeds[r, n_pad + num_prompt:] = token_embeds[r, n_pad:]
         mask[r, n_pad:] = 1
     return embeds, mask
@@ -60,7 +63,7 @@ def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, E
         embeds, mask = _left_padded_inputs(backbone, bank, batch)
         out = backbone.model.generate(inputs_embeds=embeds, attention_mask=mask,
                                       generation_config=config, synced_gpus=world > 1)
-        decoded = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        decoded = [t.strip() for t in tok.batch_decode(out.cpu(), skip_special_tokens=True)]
         for i, text in zip(idx, distributed.gather_lists(decoded[: len(mine)])):
             texts[i] = text
         if advance:

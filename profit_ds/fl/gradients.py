@@ -71,7 +71,7 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
             sums = client_loss_sums(backbone.model, leaf, batch)
             (sums / denom).sum().backward()
-            loss_sums += sums.detach().double()
+            loss_sums += sums.detach().double().cpu()
         else:  # keep ZeRO-3's collective all-gathers in lock-step with the other ranks
             _idle_forward_backward(backbone, leaf)
     grads = leaf.grad if leaf.grad is not None else torch.zeros_like(bank)

@@ -73,6 +73,10 @@ class TrainBatch:
         return TrainBatch(self.input_ids[sl], self.attention_mask[sl], self.labels[sl],
                           self.row_client[sl])
 
+    def to(self, device: torch.device) -> "TrainBatch":
+        return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                          self.labels.to(device), self.row_client.to(device))
+
 
 def collate(encoded: Sequence[Encoded], row_client: Sequence[int], pad_id: int) -> TrainBatch:
     length = max(len(e.source) + len(e.target) for e in encoded)
@@ -105,7 +109,14 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch) -> torch.T
     the rows then run their tokens only, attending to their client's cached prompt. With B
     rows per client that skips (B-1)/B of the prompt positions' work (a fifth of a step on the
     built-in suite). Then the LM head runs only at positions whose next token is a label.
+
+    Batch and prompts may live on the CPU (the optimizers' side); they are moved to the
+    model's device here, and the gradient flows back to `prompts` wherever it lives. The sums
+    stay on the model's device.
     """
+    device = model.get_input_embeddings().weight.device
+    batch = batch.to(device)
+    prompts = prompts.to(device)
     body = model.base_model
     embeds = model.get_input_embeddings()(batch.input_ids)
     clients, slot = torch.unique(batch.row_client, return_inverse=True)
