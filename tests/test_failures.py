@@ -43,6 +43,21 @@ def test_tokenizer_model_mismatch(tmp_path):
     _fails_cleanly(["--model", str(d)], tmp_path / "o", "tokenizer")
 
 
+def test_loading_hides_the_weights_bar_but_not_download_bars():
+    """The bar transformers draws while loading weights would precede a one-line error found
+    after loading (above); a first download of a large backbone keeps its bars."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from profit_ds.model.backbone import _quiet_loading
+
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    with _quiet_loading():
+        assert not hf_logging.is_progress_bar_enabled()
+        assert not hub_utils.are_progress_bars_disabled()
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+
+
 def test_prompt_longer_than_context(tmp_path):
     _fails_cleanly(["--prompt-tokens", "600"], tmp_path / "o", "--prompt-tokens 600")
 

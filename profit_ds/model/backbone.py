@@ -110,18 +110,28 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """No transformers "Loading weights" bar: a run reports its own phases, and an input error
-    found right after loading (a tokenizer that does not match the weights) must stay the one
-    line on stderr. (Under ZeRO-3, transformers loads through another path without a bar.)"""
+    """No transformers "Loading weights" bar, but the hub's download bars as they were.
+
+    A run reports its own phases, and an input error found right after loading (a tokenizer
+    that does not match the weights) must stay the one line on stderr. (Under ZeRO-3,
+    transformers loads through another path without that bar.) A first download of a 7B
+    backbone keeps its progress bar.
+    """
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    hub_was_disabled = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # transformers' own bars, and the hub's too ...
+    if not hub_was_disabled:
+        hub_utils.enable_progress_bars()  # ... which downloads keep
     try:
         yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+        if hub_was_disabled:
+            hub_utils.disable_progress_bars()
 
 
 def init_prompt(backbone: Backbone, num_tokens: int, mode: str, seed: int) -> torch.Tensor:
