@@ -51,11 +51,12 @@ def test_loading_hides_the_weights_bar_but_not_download_bars():
 
     from profit_ds.model.backbone import _quiet_loading
 
-    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    hub_utils.enable_progress_bars()
+    before = (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled())
     with _quiet_loading():
         assert not hf_logging.is_progress_bar_enabled()
         assert not hub_utils.are_progress_bars_disabled()
-    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    assert (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()) == before
 
 
 def test_prompt_longer_than_context(tmp_path):
