@@ -332,8 +332,9 @@ def worker_main(args: argparse.Namespace) -> None:
     prompt = initial_prompt(w.model_dir, w.prompt_tokens, w.seed)
     if args.worker == "peft":
         result = peft_worker(w, prompt)
-    elif args.worker == "peft-eager":
-        result = peft_worker(w, prompt, "eager")
+    elif args.worker == "peft-eager":  # measure() runs it only where this is "eager"
+        from profit_ds.model.backbone import attention_implementation
+        result = peft_worker(w, prompt, attention_implementation(w.dtype))
     else:
         result = profit_ds_worker(w, args.worker.split("=")[1], prompt)
     rank = os.environ.get("RANK", "0")

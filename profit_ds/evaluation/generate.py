@@ -18,7 +18,7 @@ from profit_ds import distributed
 from profit_ds.evaluation.rouge import score_predictions
 from profit_ds.fl.clients import EvalSet
 from profit_ds.model.backbone import Backbone
-from profit_ds.model.prompted import Encoded
+from profit_ds.model.prompted import Encoded, model_device
 
 
 def _left_padded_inputs(backbone: Backbone, bank: torch.Tensor,
@@ -30,8 +30,7 @@ def _left_padded_inputs(backbone: Backbone, bank: torch.Tensor,
     ids = torch.full((len(jobs), length), pad, dtype=torch.long)
     for r, (_, e) in enumerate(jobs):
         ids[r, length - len(e.source):] = torch.tensor(e.source)
-    embedding = backbone.model.get_input_embeddings()
-    token_embeds = embedding(ids.to(embedding.weight.device))
+    token_embeds = backbone.model.get_input_embeddings()(ids.to(model_device(backbone.model)))
     embeds = token_embeds.new_zeros(len(jobs), num_prompt + length, token_embeds.shape[-1])
     mask = torch.zeros(len(jobs), num_prompt + length, dtype=torch.long,
                        device=token_embeds.device)

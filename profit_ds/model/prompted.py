@@ -78,6 +78,12 @@ class TrainBatch:
                           self.labels.to(device), self.row_client.to(device))
 
 
+def model_device(model) -> torch.device:
+    """Where `model` computes: its input embedding's device. Under ZeRO-3 a partitioned
+    parameter keeps an empty placeholder on the compute device, so this holds there too."""
+    return model.get_input_embeddings().weight.device
+
+
 def collate(encoded: Sequence[Encoded], row_client: Sequence[int], pad_id: int) -> TrainBatch:
     length = max(len(e.source) + len(e.target) for e in encoded)
     ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -114,7 +120,7 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch) -> torch.T
     model's device here, and the gradient flows back to `prompts` wherever it lives. The sums
     stay on the model's device.
     """
-    device = model.get_input_embeddings().weight.device
+    device = model_device(model)
     batch = batch.to(device)
     prompts = prompts.to(device)
     body = model.base_model
