@@ -32,7 +32,8 @@ from profit_ds.model.backbone import DTYPES, Backbone, init_prompt, load_backbon
 from profit_ds.report import Reporter
 
 CHECKPOINTS = "checkpoints"
-TOKENS_PER_FORWARD = {"cpu": 8192, "cuda": 65536}  # rows x tokens one rank handles well
+# K=auto: rows x tokens of one step per rank (its forwards are cut smaller: fl/gradients.py)
+TOKENS_PER_STEP = {"cpu": 8192, "cuda": 65536}
 
 
 def load_tasks(cfg: RunConfig):
@@ -69,7 +70,7 @@ def clients_in_parallel(cfg: RunConfig, data: FederatedData, prompt_tokens: int)
         return int(cfg.clients_in_parallel)
     train = [e for c in data.train_clients for e in c.train]
     mean_len = prompt_tokens + sum(len(e.source) + len(e.target) for e in train) / max(1, len(train))
-    budget = TOKENS_PER_FORWARD["cuda" if torch.cuda.is_available() else "cpu"] * distributed.world()
+    budget = TOKENS_PER_STEP["cuda" if torch.cuda.is_available() else "cpu"] * distributed.world()
     return max(1, int(budget // (cfg.batch_size * mean_len)))
 
 

@@ -220,3 +220,31 @@ def test_bf16_run_end_to_end(tiny_model_dir, tmp_path, bf16_backbone):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["dtype"] == "bf16"
     assert all(math.isfinite(r["train_loss"]) for r in results["rounds"])
+
+
+def _largest_share(lengths: list[int], bounds: list[int]) -> int:
+    return max(((b - a) * max(lengths[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a),
+               default=0)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_rank_shares_cover_every_row_once_and_balance_padded_size(parts):
+    """Shares are contiguous, in order, cover every row, and their largest padded size
+    (rows x longest) is the smallest any contiguous cut gives (brute force)."""
+    import itertools
+
+    from profit_ds.distributed import balanced_shares
+
+    gen = torch.Generator().manual_seed(parts)
+    for n in (0, 1, 2, 5, 13):
+        lengths = sorted(torch.randint(3, 60, (n,), generator=gen).tolist(), reverse=True)
+        shares = balanced_shares(lengths, parts)
+        assert len(shares) == parts
+        bounds = [0] + [s.stop for s in shares]
+        assert [s.start for s in shares] == bounds[:-1] and bounds[-1] == n
+        best = min(_largest_share(lengths, [0, *cut, n])
+                   for cut in itertools.combinations_with_replacement(range(n + 1), parts - 1))
+        assert _largest_share(lengths, bounds) == best
+    # the longest rows get a smaller share of the rows than the short ones
+    first, second = balanced_shares([45] * 20 + [30] * 76, 2)
+    assert first.stop - first.start < second.stop - second.start

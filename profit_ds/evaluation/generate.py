@@ -4,7 +4,8 @@ Rows of many (prompt, example) pairs share each `generate` call: row r is left-p
 prompt `bank[k_r]`, then its source tokens, so every row's prompt sits right before its text,
 as in training. transformers' `generate` does greedy decoding with the KV cache and derives
 position ids from the attention mask. Under ZeRO-3 with several ranks each rank generates its
-slice of every batch with `synced_gpus=True`, so all ranks keep joining the parameter
+share of every batch (contiguous in length order, balanced by padded size; the KV cache's
+memory is balanced with it) with `synced_gpus=True`, so all ranks keep joining the parameter
 all-gathers until the slowest row is done.
 """
 from __future__ import annotations
@@ -56,7 +57,9 @@ def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, E
     step = batch_rows * world
     for start in range(0, len(order), step):
         idx = order[start: start + step]
-        mine = idx[distributed.my_slice(len(idx))]
+        # a row costs its padded prefill and its decoding steps
+        mine = idx[distributed.my_share([bank.shape[1] + len(jobs[i][1].source) + max_new_tokens
+                                         for i in idx])]
         # an idle rank still generates (one dummy row) to stay in lock-step under ZeRO-3
         batch = [jobs[i] for i in mine] or [jobs[idx[0]]]
         embeds, mask = _left_padded_inputs(backbone, bank, batch)

@@ -1,9 +1,10 @@
 """Each client's mean-loss gradient of its prompt, for many clients in one batched pass.
 
 This is the one place where the backbone runs backward. Rows of all clients in flight are mixed
-in one batch; every rank takes its slice of each forward chunk; the per-client denominators
-(label tokens) are computed from the whole batch on every rank, so the sum over ranks of the
-local gradients is the exact gradient; one all_reduce per call sums them (DESIGN.md 2-4).
+in one batch; every rank takes its share of each forward chunk (`distributed.my_share`); the
+per-client denominators (label tokens) are computed from the whole batch on every rank, so the
+sum over ranks of the local gradients is the exact gradient; one all_reduce per call sums them
+(DESIGN.md 2-4).
 
 Rows are sorted by length before they are cut into forward chunks, so a chunk pads its rows to
 a length they nearly share: mixing clients with different text lengths costs no padding. A
@@ -65,7 +66,7 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
     loss_sums = torch.zeros(k, dtype=torch.float64)
     for part in forward_chunks(rows, bank.shape[1], max(rows_per_forward, world),
                                tokens_per_forward() * world):
-        mine = part[distributed.my_slice(len(part))]
+        mine = part[distributed.my_share([len(e.source) + len(e.target) for _, e in part])]
         _start_zero3_step(backbone)
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
