@@ -101,14 +101,20 @@ def shared_prompt_scores(scores: Sequence[dict], clients: Sequence[ClientData]) 
     return out
 
 
-def check_fits(cfg: RunConfig, backbone, prompt_tokens: int) -> None:
-    """Refuse a tokenizer that does not match the model and sequences longer than its context."""
-    rows = backbone.model.config.vocab_size
-    if len(backbone.tokenizer) > rows:
-        raise UsageError(f"--model {cfg.model}: the tokenizer has {len(backbone.tokenizer)} "
+def check_fits(cfg: RunConfig, model_config, tokenizer) -> None:
+    """Refuse a tokenizer that does not match the model and sequences longer than its context.
+
+    It needs only the model's config and tokenizer, so it runs before the weights load (a
+    mistake costs no download): `load_backbone` calls it, and `profit-ds sweep` calls it for
+    every cell before the first one runs. A run handed a loaded backbone checks it again.
+    """
+    rows = model_config.vocab_size
+    if len(tokenizer) > rows:
+        raise UsageError(f"--model {cfg.model}: the tokenizer has {len(tokenizer)} "
                          f"tokens but the model's embedding has {rows} rows (mismatched "
                          "tokenizer and weights?)")
-    context = getattr(backbone.model.config, "max_position_embeddings", None)
+    prompt_tokens = cfg.resolved_prompt_tokens()
+    context = getattr(model_config, "max_position_embeddings", None)
     longest = prompt_tokens + (cfg.max_source_tokens or 0) + (cfg.max_target_tokens or 0)
     if context and longest > context:
         raise UsageError(f"--prompt-tokens {prompt_tokens}: prompt + --max-source-tokens "
@@ -196,12 +202,14 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
         restored = checkpoint.load_latest(ckpt_dir, cfg_hash, partition.manifest_hash,
                                           warn=reporter.warn)
     if backbone is None:
-        backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code)
+        backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code,
+                                 check=lambda config, tok: check_fits(cfg, config, tok))
     elif (backbone.name, backbone.dtype) != (cfg.model, DTYPES[cfg.dtype]):
         raise ValueError(f"backbone {backbone.name} ({backbone.dtype}) given for a run of "
                          f"--model {cfg.model} --dtype {cfg.dtype}")
+    else:
+        check_fits(cfg, backbone.model.config, backbone.tokenizer)
     P = cfg.resolved_prompt_tokens()
-    check_fits(cfg, backbone, P)
     data = encode_partition(backbone.tokenizer, partition, cfg.max_source_tokens,
                             cfg.max_target_tokens)
     k_parallel = clients_in_parallel(cfg, data, P)

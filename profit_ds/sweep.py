@@ -245,17 +245,22 @@ def cell_config(cell: Cell, output_dir: str | Path, num_procs: int, n_cells: int
 def check_before_running(cells: Sequence[Cell], cfgs: Sequence[RunConfig], path: str,
                          n_cells: int) -> None:
     """What `runner.run` would reject only after loading things, checked for every cell now: the
-    model name, the DeepSpeed config, and the partition (built once per distinct data spec; it
-    is cheap next to training). Uses runner.run's own steps."""
-    from profit_ds.model.backbone import resolve_path
+    model name, the DeepSpeed config, the settings against the model's config and tokenizer
+    (fetched once per model, without the weights), and the partition (built once per distinct
+    data spec; it is cheap next to training). Uses runner.run's own steps."""
+    from profit_ds.model.backbone import load_config_and_tokenizer
     from profit_ds.model.ds_config import load_ds_config
-    from profit_ds.runner import load_tasks, partition_spec, run_partition
+    from profit_ds.runner import check_fits, load_tasks, partition_spec, run_partition
 
     tasks: dict[tuple, list] = {}
+    models: dict[tuple, tuple] = {}
     seen: set = set()
     for cell, cfg in zip(cells, cfgs):
         try:
-            resolve_path(cfg.model)
+            model_key = (cfg.model, cfg.trust_remote_code)
+            if model_key not in models:
+                models[model_key] = load_config_and_tokenizer(*model_key)
+            check_fits(cfg, *models[model_key])
             load_ds_config(cfg.ds_config, dtype=cfg.dtype, micro_batch=1)
             data_key = (cfg.data, cfg.language, cfg.instances_per_task)
             key = (data_key, partition_spec(cfg), cfg.positive_examples, cfg.clients_per_round)

@@ -34,6 +34,15 @@ def test_unknown_model_alias(tmp_path):
     _fails_cleanly(["--model", "llama-9000b"], tmp_path / "o", "--model llama-9000b")
 
 
+def _model_without_weights(d, **config):
+    """A model folder with a config and the built-in tokenizer but no weights file: checks that
+    need only those must fail before any weights load (for a hub model: download)."""
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, **config).save_pretrained(d)
+    AutoTokenizer.from_pretrained(BUILTIN_DIR).save_pretrained(d)
+    return d
+
+
 def test_tokenizer_model_mismatch(tmp_path):
     d = tmp_path / "mismatch"
     cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -41,6 +50,22 @@ def test_tokenizer_model_mismatch(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(d)
     AutoTokenizer.from_pretrained(BUILTIN_DIR).save_pretrained(d)
     _fails_cleanly(["--model", str(d)], tmp_path / "o", "tokenizer")
+
+
+@pytest.mark.parametrize("config,args,needle", [
+    ({"vocab_size": 100}, [], "the tokenizer has"),
+    ({"vocab_size": 2000, "max_position_embeddings": 64}, ["--prompt-tokens", "60"],
+     "exceed the model's context of 64"),
+])
+def test_config_checks_fail_before_the_weights_load(tmp_path, config, args, needle):
+    d = _model_without_weights(tmp_path / "m", **config)
+    _fails_cleanly(["--model", str(d), *args], tmp_path / "o", needle)
+
+
+def test_a_model_without_weights_fails_at_loading(tmp_path):
+    """The control for the test above: past the checks, the missing weights are an error."""
+    d = _model_without_weights(tmp_path / "m", vocab_size=2000)
+    _fails_cleanly(["--model", str(d)], tmp_path / "o", "cannot load")
 
 
 def test_loading_hides_the_weights_bar_but_not_download_bars():

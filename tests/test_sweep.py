@@ -73,6 +73,8 @@ GOOD = {"base": {"rounds": 2}, "settings": [{"name": "a", "algo": "fedavg"}],
     # values only the data can refuse: checked for every cell before the first one runs
     ({"grid": {"heterogeneity": ["task", "clusters:3"]}}, ["cell 3", "--heterogeneity"]),
     ({"grid": {"clients_per_round": [2, 99]}}, ["cell 3", "--clients-per-round 99"]),
+    # settings the model cannot run (its config and tokenizer are fetched, never its weights)
+    ({"grid": {"prompt_tokens": [4, 600]}}, ["cell 3", "--prompt-tokens 600", "context"]),
     ({"grid": {"heterogeneity": ["dirichlet:0.5", "dirichlet/0.5"]}}, ["same directory"]),
 ])
 def test_bad_sweep_file_is_one_line_exit_2_naming_file_and_field(change, needles, tmp_path,

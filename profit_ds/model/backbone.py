@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -63,17 +64,35 @@ def attention_implementation(dtype: str) -> str | None:
     return "eager" if dtype == "bf16" and distributed.device().type == "cpu" else None
 
 
+def load_config_and_tokenizer(name: str, trust_remote_code: bool = False) -> tuple[object, object]:
+    """The model's config and tokenizer (a pad token set), without its weights: all that the
+    checks of a run's settings need (`runner.check_fits`), a few kilobytes to fetch where the
+    weights are gigabytes."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_path(name)
+    with _load_errors(name, path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return config, tokenizer
+
+
 def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
-                  trust_remote_code: bool = False, zero3: bool | None = None) -> Backbone:
+                  trust_remote_code: bool = False, zero3: bool | None = None,
+                  check: Callable[[object, object], None] | None = None) -> Backbone:
     """Load, freeze and (with ZeRO-3) shard the backbone; same call on every rank.
 
     `ds_config`: a ZeRO-3 JSON file or bundled config name (None: the default for `dtype`);
     read and checked even when one rank runs the model whole, so a bad file fails the same way.
     `zero3`: wrap in ZeRO-3; None: where it does something, with several ranks or a config that
     offloads parameters (tests force it on to check ZeRO-3 against a plain model).
+    `check(model_config, tokenizer)`: called before the weights load, so that settings the
+    model cannot run (`runner.check_fits`) fail before a download of many gigabytes.
     """
     import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     if dtype not in DTYPES:
@@ -83,21 +102,18 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
     config = load_ds_config(ds_config, dtype=dtype, micro_batch=1)
     if zero3 is None:
         zero3 = distributed.world() > 1 or offloads_params(config)
+    model_config, tokenizer = load_config_and_tokenizer(name, trust_remote_code)
+    if check:
+        check(model_config, tokenizer)
     # registered, the config makes from_pretrained build inside zero.Init; a whole model must
     # not see another backbone's registration either (tests load several in one process)
     hf_ds_config = HfDeepSpeedConfig(config) if zero3 else None
-    try:
-        with contextlib.nullcontext() if zero3 else without_zero_init(), _quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=DTYPES[dtype], attn_implementation=attention_implementation(dtype),
-                trust_remote_code=trust_remote_code)
-    except OSError as err:
-        hint = gated_hint(path, err)
-        raise UsageError(hint or f"--model {name}: cannot load ({str(err).splitlines()[0]})"
-                         ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    with (contextlib.nullcontext() if zero3 else without_zero_init(), _quiet_loading(),
+          _load_errors(name, path)):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=model_config, dtype=DTYPES[dtype],
+            attn_implementation=attention_implementation(dtype),
+            trust_remote_code=trust_remote_code)
     model.requires_grad_(False)
     if not zero3:
         return Backbone(model=model.to(distributed.device()).eval(), engine=None,
@@ -109,13 +125,24 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
 
 
 @contextlib.contextmanager
+def _load_errors(name: str, path: str):
+    """A model that cannot be fetched or read is a usage error naming `--model`, with a login
+    hint for a gated hub model."""
+    try:
+        yield
+    except OSError as err:
+        hint = gated_hint(path, err)
+        raise UsageError(hint or f"--model {name}: cannot load ({str(err).splitlines()[0]})"
+                         ) from None
+
+
+@contextlib.contextmanager
 def _quiet_loading():
     """No transformers "Loading weights" bar, but the hub's download bars as they were.
 
-    A run reports its own phases, and an input error found right after loading (a tokenizer
-    that does not match the weights) must stay the one line on stderr. (Under ZeRO-3,
-    transformers loads through another path without that bar.) A first download of a 7B
-    backbone keeps its progress bar.
+    A run reports its own phases, and its output stays the same at one rank and at several
+    (under ZeRO-3, transformers loads through another path without that bar). A first
+    download of a 7B backbone keeps its progress bar.
     """
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
