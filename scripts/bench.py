@@ -17,7 +17,8 @@ the same FedAvg rounds (Adam clients, example-weighted averaging), the same loca
 
 Each (variant, ranks) pair runs in fresh processes (peak RSS is per variant); N ranks are N
 processes with RANK/WORLD_SIZE set, as a launcher would. The GEMM peak is measured first, in
-this process, in the benchmark's dtype, on all cores: MFU = the FLOPs a variant needs / s / that peak.
+this process, in the benchmark's dtype, on all CPU cores (on a GPU machine: on one GPU, counted
+N times for N ranks): MFU = the FLOPs a variant needs / s / that peak.
 
     python scripts/bench.py --write-docs docs/BENCHMARKS.md     (or: profit-ds bench ...)
 """
@@ -172,19 +173,38 @@ def round_work(data, w: Workload, round_idx: int, config) -> tuple[int, dict[str
             {"peft": concatenated, "peft-eager": concatenated, "K=1": shared, "K=auto": shared})
 
 
-def gemm_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), reps: int = 4) -> float:
-    """Best FLOP/s of square matmuls in `dtype` on all cores: one sample of the MFU
-    denominator (the run keeps the best of several, taken between variants, since other jobs
-    on a shared machine can take a core away during any one of them)."""
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a clock read after it counts it."""
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def gemm_peak(dtype: torch.dtype, reps: int = 4) -> float:
+    """Best FLOP/s of square matmuls in `dtype` on all CPU cores, or on one GPU: one sample of
+    the MFU denominator (the run keeps the best of several, taken between variants, since other
+    jobs on a shared machine can take a core away during any one of them)."""
+    device = "cuda" if on_gpu() else "cpu"
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for n in (4096, 8192) if on_gpu() else (1024, 2048):
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
         a @ b
         for _ in range(reps):
+            sync()
             t = time.perf_counter()
             a @ b
+            sync()
             best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
     return best
+
+
+def machine_peak(peak: float, ranks: int) -> float:
+    """The peak available to `ranks` ranks: the CPU's all cores are shared by every rank; each
+    rank has a GPU of its own."""
+    return peak * ranks if on_gpu() else peak
 
 
 def peak_rss_bytes() -> int:
@@ -202,9 +222,11 @@ def timed_rounds(w: Workload, run_round: Callable[[int, torch.Tensor], torch.Ten
 
     wall, cpu = [], []
     for r in range(1, w.rounds + 2):
+        sync()
         distributed.barrier()
         t, c = time.perf_counter(), time.process_time()
         prompt = run_round(r, prompt)
+        sync()
         distributed.barrier()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
@@ -258,6 +280,7 @@ def generation_rates(backbone, data, prompt: torch.Tensor) -> dict:
         """Examples/s of the best of two passes (the machine is shared)."""
         seconds = []
         for _ in range(2):
+            sync()
             distributed.barrier()
             t = time.perf_counter()
             work()
@@ -291,11 +314,14 @@ def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None)
     from profit_ds.model.prompted import collate
 
     distributed.share_cpu_threads()
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if on_gpu() else "gloo")
+    device = distributed.device()
     tokenizer = AutoTokenizer.from_pretrained(w.model_dir)
     base = LlamaForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype,
-                                            attn_implementation=attention).eval()
+                                            attn_implementation=attention).to(device).eval()
     base.requires_grad_(False)
     model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM",
                                                     num_virtual_tokens=w.prompt_tokens))
@@ -307,7 +333,7 @@ def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None)
         if not mine:  # fewer rows than ranks: a zero gradient, still summed with the others
             (sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0).backward()
             return
-        batch = collate(mine, [0] * len(mine), tokenizer.pad_token_id)
+        batch = collate(mine, [0] * len(mine), tokenizer.pad_token_id).to(device)
         share = sum(len(e.target) for e in mine) / sum(len(e.target) for e in examples)
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      labels=batch.labels).loss
@@ -323,7 +349,7 @@ def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None)
             distributed.all_reduce_sum(*(p.grad for p in params))
             opt.step()
             opt.zero_grad()
-        return get_peft_model_state_dict(model)["prompt_embeddings"].float()
+        return get_peft_model_state_dict(model)["prompt_embeddings"].float().cpu()
 
     def run_round(round_idx: int, global_prompt: torch.Tensor) -> torch.Tensor:
         clients = round_clients(data, w, round_idx)
@@ -444,7 +470,7 @@ def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], re
                     best[(variant, ranks)] = per_rank
     peaks.append(gemm_peak(w.torch_dtype))
     reference = torch.tensor(best[(variants[0], rank_counts[0])][0]["prompt"])
-    rows = [summarize(v, n, per_rank, tokens, flops[v], max(peaks), reference)
+    rows = [summarize(v, n, per_rank, tokens, flops[v], machine_peak(max(peaks), n), reference)
             for (v, n), per_rank in best.items()]
     return DtypeResult(w.dtype, max(peaks), rows)
 
@@ -487,7 +513,7 @@ def targets(result: DtypeResult) -> list[tuple[str, str, float, float | None, bo
             gen = auto.generation
             add(f"{where}: batched evaluation >= 3x client by client",
                 "batched / client-by-client ex/s", gen["batched"] / gen["per_client"], 3.0,
-                ceiling=generation_ceiling(gen, peak))
+                ceiling=generation_ceiling(gen, machine_peak(peak, ranks)))
             add(f"{where}: backbone bytes per rank within 5% of total/N",
                 "resident / (total/N)", auto.resident_bytes / (auto.total_bytes / ranks), 1.05,
                 at_least=False)
@@ -525,7 +551,8 @@ def tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
                   f"{r.total_bytes / r.ranks / mb:.1f}", f"{r.prompt_diff:.1e}"]
                  for r in res.rows]
         out.append((f"Training, {res.dtype}: FedAvg, {w.clients_per_round} clients per round; "
-                    f"GEMM peak {res.gemm_peak / 1e9:.0f} GFLOP/s",
+                    f"GEMM peak {res.gemm_peak / 1e9:.0f} GFLOP/s"
+                    f"{' per GPU' if on_gpu() else ''}",
                     ["ranks", "variant", "K", "s/round", "CPU s/round", "tokens/s", "MFU",
                      "peak RSS/rank MiB",
                      "backbone MiB/rank", "total/N MiB", "prompt diff"], train))
@@ -533,7 +560,7 @@ def tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
             str(r.generation["max_new_tokens"]), f"{r.generation['batched']:.1f}",
             f"{r.generation['per_client']:.1f}",
             f"{r.generation['batched'] / r.generation['per_client']:.1f}x",
-            f"{generation_ceiling(r.generation, res.gemm_peak):.1f}x"]
+            f"{generation_ceiling(r.generation, machine_peak(res.gemm_peak, r.ranks)):.1f}x"]
            for res in results for r in res.rows if r.generation]
     out.append(("Generation: every test client's prompt on its own test set",
                 ["dtype", "ranks", "examples", "new tokens", "batched ex/s",
