@@ -167,6 +167,17 @@ def test_plan_llama_7b_on_8_gpus():
     assert "6.74B" in table and "13.48 GB" in table and "1.68" in table
 
 
+def test_plan_one_gpu_keeps_the_whole_model_without_gather_buffer():
+    """As load_backbone: one rank without offload runs the plain model, so nothing is gathered."""
+    shape = planning.model_shape("llama-7b")
+    one = planning.plan(shape, planning.default_workload("llama-7b", 1))
+    two = planning.plan(shape, planning.default_workload("llama-7b", 2))
+    assert not one.offload and one.memory.gathered == 0
+    assert one.memory.weights == 2 * shape.params
+    assert two.memory.gathered > 0 and two.memory.weights == shape.params
+    assert "whole model" in invoke("plan", "--model", "llama-7b", "--gpus", "1").stdout
+
+
 def test_plan_offloads_only_when_the_shard_does_not_fit():
     shape = planning.model_shape("llama2-70b")
     one_gpu = planning.plan(shape, planning.default_workload("llama2-70b", 1, micro_batch=1))

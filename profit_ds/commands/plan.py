@@ -47,7 +47,9 @@ def _memory_table(result: planning.Plan) -> Table:
     table = Table(title=f"Per-GPU memory ({result.ds_config})")
     table.add_column("term")
     table.add_column("GB", justify="right")
-    shard = "in CPU RAM (offload)" if result.offload else "ZeRO-3 shard"
+    shard = ("in CPU RAM (offload)" if result.offload else
+             "whole model (one rank: no ZeRO-3)"
+             if planning.runs_whole(result.workload, result.offload) else "ZeRO-3 shard")
     for label, value in ((f"weights: {shard}", mem.weights),
                          ("gathered layers + persistent params", mem.gathered),
                          ("activations", mem.activations),
