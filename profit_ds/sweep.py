@@ -243,12 +243,16 @@ def cell_config(cell: Cell, output_dir: str | Path, num_procs: int, n_cells: int
 
 
 def check_before_running(cells: Sequence[Cell], cfgs: Sequence[RunConfig], path: str,
-                         n_cells: int) -> None:
+                         n_cells: int, offline: bool = False) -> None:
     """What `runner.run` would reject only after loading things, checked for every cell now: the
     model name, the DeepSpeed config, the settings against the model's config and tokenizer
     (fetched once per model, without the weights), and the partition (built once per distinct
-    data spec; it is cheap next to training). Uses runner.run's own steps."""
-    from profit_ds.model.backbone import load_config_and_tokenizer
+    data spec; it is cheap next to training). Uses runner.run's own steps.
+
+    `offline` (a dry run): nothing is downloaded; a hub model that is not in the local cache
+    skips the model checks, which the sweep itself then makes before its first cell.
+    """
+    from profit_ds.model.backbone import resolve_path
     from profit_ds.model.ds_config import load_ds_config
     from profit_ds.runner import check_fits, load_tasks, partition_spec, run_partition
 
@@ -257,10 +261,12 @@ def check_before_running(cells: Sequence[Cell], cfgs: Sequence[RunConfig], path:
     seen: set = set()
     for cell, cfg in zip(cells, cfgs):
         try:
+            resolve_path(cfg.model)  # an unknown alias or missing folder, even offline
             model_key = (cfg.model, cfg.trust_remote_code)
             if model_key not in models:
-                models[model_key] = load_config_and_tokenizer(*model_key)
-            check_fits(cfg, *models[model_key])
+                models[model_key] = _model_files(*model_key, offline)
+            if models[model_key]:
+                check_fits(cfg, *models[model_key])
             load_ds_config(cfg.ds_config, dtype=cfg.dtype, micro_batch=1)
             data_key = (cfg.data, cfg.language, cfg.instances_per_task)
             key = (data_key, partition_spec(cfg), cfg.positive_examples, cfg.clients_per_round)
@@ -273,6 +279,18 @@ def check_before_running(cells: Sequence[Cell], cfgs: Sequence[RunConfig], path:
         except UsageError as err:
             raise UsageError(f"{path}: cell {cell.index}/{n_cells} ({cell.label}, seed "
                              f"{cell.seed}): {err}") from None
+
+
+def _model_files(model: str, trust_remote_code: bool, offline: bool) -> tuple | None:
+    """The model's config and tokenizer; None where `offline` would need a download."""
+    from profit_ds.model.backbone import load_config_and_tokenizer
+
+    try:
+        return load_config_and_tokenizer(model, trust_remote_code, local_files_only=offline)
+    except UsageError:
+        if offline:
+            return None
+        raise
 
 
 # --------------------------------------------------------------------------- execution
@@ -330,9 +348,10 @@ class SweepPlan:
 
 
 def prepare_sweep(spec: SweepSpec, output_dir: str | Path, *, num_procs: int = 1,
-                  overwrite: bool = False, check_conflicts: bool = True) -> SweepPlan:
+                  overwrite: bool = False, dry_run: bool = False) -> SweepPlan:
     """Plan and check everything, reading the output directory but writing nothing: a bad
-    value in the last cell fails now, not after the others ran."""
+    value in the last cell fails now, not after the others ran. A dry run downloads nothing
+    and lists cells holding a run of another config instead of refusing them."""
     out = Path(output_dir)
     cells = plan_cells(spec)
     cfgs = [cell_config(c, out, num_procs, len(cells), spec.path) for c in cells]
@@ -340,9 +359,9 @@ def prepare_sweep(spec: SweepSpec, output_dir: str | Path, *, num_procs: int = 1
     status = [cell_status(c.directory(out), cfg) for c, cfg in zip(cells, cfgs)]
     pending = [i for i, st in enumerate(status) if st != "finished"]
     check_before_running([cells[i] for i in pending], [cfgs[i] for i in pending], spec.path,
-                         len(cells))
+                         len(cells), offline=dry_run)
     for cell, st in zip(cells, status):
-        if st == "conflict" and check_conflicts and not overwrite:
+        if st == "conflict" and not dry_run and not overwrite:
             raise UsageError(f"{cell.directory(out)}: holds a run of another config than cell "
                              f"{cell.index} ({cell.label}, seed {cell.seed}); pass --overwrite "
                              "to replace it, or use another --output-dir")

@@ -180,6 +180,20 @@ def test_dry_run_lists_cells_and_writes_nothing(tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
+def test_dry_run_downloads_nothing_but_checks_models_it_has(tmp_path, monkeypatch, capsys):
+    """A hub model not in the cache is listed, not fetched; a model at hand is still checked
+    against every cell (here the built-in one, whose context a cell's prompt exceeds)."""
+    hub = _write(tmp_path / "hub.yaml", {"base": {"model": "profit-ds-tests/not-cached"},
+                                          "seeds": [0]})
+    code, stdout, err = _main(monkeypatch, capsys, "--config", str(hub), "--output-dir",
+                              str(tmp_path / "o1"), "--dry-run")
+    assert code == 0 and stdout.startswith("cell 1/1"), err
+    long = _write(tmp_path / "long.yaml", {"grid": {"prompt_tokens": [4, 600]}, "seeds": [0]})
+    code, _, err = _main(monkeypatch, capsys, "--config", str(long), "--output-dir",
+                         str(tmp_path / "o2"), "--dry-run")
+    assert code == 2 and "cell 2/2" in err and "--prompt-tokens 600" in err, err
+
+
 # --------------------------------------------------------------------------- summary
 def _results(initial, fed_local, fed_global, personalized):
     """A results.json as runner writes it, reduced to what the summary reads; personalized:

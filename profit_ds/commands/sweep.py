@@ -35,7 +35,7 @@ def sweep(
     out = output_dir or spec.output_dir or str(Path("runs") / Path(config).stem)
     # every check, on every rank, before a process group or a file is made
     plan = sw.prepare_sweep(spec, out, num_procs=num_procs, overwrite=overwrite,
-                            check_conflicts=not dry_run)
+                            dry_run=dry_run)
     if dry_run:
         for line in plan.lines():
             print(line)

@@ -64,16 +64,18 @@ def attention_implementation(dtype: str) -> str | None:
     return "eager" if dtype == "bf16" and distributed.device().type == "cpu" else None
 
 
-def load_config_and_tokenizer(name: str, trust_remote_code: bool = False) -> tuple[object, object]:
+def load_config_and_tokenizer(name: str, trust_remote_code: bool = False,
+                              local_files_only: bool = False) -> tuple[object, object]:
     """The model's config and tokenizer (a pad token set), without its weights: all that the
     checks of a run's settings need (`runner.check_fits`), a few kilobytes to fetch where the
-    weights are gigabytes."""
+    weights are gigabytes. `local_files_only`: no download (a hub model must be cached)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_path(name)
+    options = dict(trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     with _load_errors(name, path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+        config = AutoConfig.from_pretrained(path, **options)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return config, tokenizer
