@@ -31,7 +31,7 @@ from profit_ds.config import RunConfig
 from profit_ds.errors import UsageError
 from profit_ds.model.aliases import gated_hint, resolve_model
 from profit_ds.model.ds_config import (deepspeed_zero, load_ds_config, offloads_params,
-                                       without_zero_init)
+                                       uses_zero3, without_zero_init)
 
 GB = 10**9
 BF16 = 2
@@ -204,19 +204,14 @@ def activation_bytes(shape: ModelShape, rows: int, tokens: int, label_tokens: in
     return rows * (tokens * per_token + label_tokens * shape.vocab_size * LOGIT_BYTES)
 
 
-def runs_whole(work: Workload, offload: bool) -> bool:
-    """Whether the run keeps the whole model without ZeRO-3, as `load_backbone` decides: one
-    rank and no parameter offload (nothing to partition, so no gather buffer either)."""
-    return work.world == 1 and not offload
-
-
 def memory(shape: ModelShape, work: Workload, zero, offload: bool, clients: int) -> Memory:
     """Bytes per GPU with `clients` clients in parallel."""
     rows = math.ceil(clients * work.micro_batch / work.world)
     label_tokens = min(work.target_tokens, work.seq_len)
     return Memory(
         weights=0 if offload else math.ceil(BF16 * shape.params / work.world),
-        gathered=0 if runs_whole(work, offload) else gathered_bytes(shape, zero),
+        # a whole model (no ZeRO-3) gathers nothing
+        gathered=gathered_bytes(shape, zero) if uses_zero3(work.world, offload) else 0,
         activations=activation_bytes(shape, rows, work.seq_len + work.prompt_tokens, label_tokens),
         prompts=clients * work.prompt_tokens * shape.hidden_size * 4 * PROMPT_TENSORS,
         runtime=RUNTIME_BYTES)

@@ -14,6 +14,7 @@ from rich.table import Table
 from profit_ds import plan as planning
 from profit_ds.cli import app
 from profit_ds.commands.models import human_params
+from profit_ds.model.ds_config import uses_zero3
 
 GB = planning.GB
 
@@ -47,9 +48,12 @@ def _memory_table(result: planning.Plan) -> Table:
     table = Table(title=f"Per-GPU memory ({result.ds_config})")
     table.add_column("term")
     table.add_column("GB", justify="right")
-    shard = ("in CPU RAM (offload)" if result.offload else
-             "whole model (one rank: no ZeRO-3)"
-             if planning.runs_whole(result.workload, result.offload) else "ZeRO-3 shard")
+    if result.offload:
+        shard = "in CPU RAM (offload)"
+    elif uses_zero3(result.workload.world, result.offload):
+        shard = "ZeRO-3 shard"
+    else:
+        shard = "whole model (one rank: no ZeRO-3)"
     for label, value in ((f"weights: {shard}", mem.weights),
                          ("gathered layers + persistent params", mem.gathered),
                          ("activations", mem.activations),

@@ -20,7 +20,8 @@ import torch
 from profit_ds import distributed
 from profit_ds.errors import UsageError
 from profit_ds.model.aliases import gated_hint, resolve_model
-from profit_ds.model.ds_config import load_ds_config, offloads_params, without_zero_init
+from profit_ds.model.ds_config import (load_ds_config, offloads_params, uses_zero3,
+                                       without_zero_init)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -103,7 +104,7 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
     distributed.setup()
     config = load_ds_config(ds_config, dtype=dtype, micro_batch=1)
     if zero3 is None:
-        zero3 = distributed.world() > 1 or offloads_params(config)
+        zero3 = uses_zero3(distributed.world(), offloads_params(config))
     model_config, tokenizer = load_config_and_tokenizer(name, trust_remote_code)
     if check:
         check(model_config, tokenizer)

@@ -66,6 +66,14 @@ def offloads_params(config: dict) -> bool:
     return offload.get("device", "none") == "cpu"
 
 
+def uses_zero3(world: int, offload: bool) -> bool:
+    """Whether a backbone runs under ZeRO-3: with several ranks, or with its parameters
+    offloaded to CPU memory. One rank holding the whole model has nothing to partition, and
+    ZeRO-3's hooks would only cost time (docs/BENCHMARKS.md). `load_backbone` and
+    `profit-ds plan` both decide by this."""
+    return world > 1 or offload
+
+
 @contextlib.contextmanager
 def without_zero_init():
     """Hide a registered ZeRO-3 config from transformers for a moment.
