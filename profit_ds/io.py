@@ -1,6 +1,8 @@
 """Atomic file writes: temp file in the same directory, fsync, rename.
 
 A crash or Ctrl-C mid-write leaves the previous version (or nothing), never half a file.
+The file gets the mode a plain open() would create it with (0o666 less the umask), not
+mkstemp's 0600: collaborators on a shared cluster must be able to read results.
 """
 from __future__ import annotations
 
@@ -14,6 +16,22 @@ import torch
 from safetensors.torch import save_file
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: the
+    `Umask:` line of /proc/self/status), so that no other thread creates a file under a
+    temporary umask; elsewhere one os.umask pair, which sets it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,6 +39,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         with open(tmp, "rb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
