@@ -5,11 +5,13 @@ unconditionally.
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -88,3 +90,79 @@ def personalization_table(results: dict) -> Table:
                       f"{row['local_rouge_l']:.2f} ({dl:+.2f})",
                       f"{row['global_rouge_l']:.2f} ({dg:+.2f})")
     return table
+
+
+def best_personalized(results: dict) -> dict | None:
+    """The personalization row (mean over test clients) with the best local ROUGE-L, ties
+    going to the better global ROUGE-L; None when the run personalized nothing."""
+    rows = results.get("personalized") or []
+    return max(rows, key=lambda r: (r["local_rouge_l"], r["global_rouge_l"]), default=None)
+
+
+def comparison_table(runs: Sequence[tuple[str, dict]]) -> Table:
+    """One row per (name, results.json) of `runs`: what the run was, and ROUGE-L
+    (local / global) of its initial and federated prompts and of its best personalization
+    setting by local ROUGE-L."""
+    def pair(s: dict | None) -> str:
+        return "-" if not s else f"{s['local_rouge_l']:.2f} / {s['global_rouge_l']:.2f}"
+    table = Table(title="Runs compared: ROUGE-L local / global")
+    text = ("run", "model", "data", "algo (client/server opt)")
+    for col in text + ("seed", "rounds", "initial", "federated", "best personalized",
+                       "at lr, epoch"):
+        table.add_column(col, justify="left" if col in text else "right", overflow="fold")
+    for name, results in runs:
+        cfg = results.get("config", {})
+        client_opt = "-" if cfg.get("algo") == "fedsgd" else cfg.get("client_opt", "?")
+        best = best_personalized(results)
+        table.add_row(escape(name),
+                      escape(f"{cfg.get('model', '?')} ({cfg.get('dtype', '?')})"),
+                      escape(f"{cfg.get('data', '?')} ({cfg.get('heterogeneity', '?')})"),
+                      f"{cfg.get('algo', '?')} {client_opt}/{cfg.get('server_opt', '?')}",
+                      str(cfg.get("seed", "?")), str(cfg.get("rounds", "?")),
+                      pair(results.get("initial")),
+                      pair(results.get("global")), pair(best),
+                      "-" if best is None else f"{best['lr']:g}, {best['epoch']}")
+    return table
+
+
+def _distinct(values: Sequence, most: int = 4) -> str:
+    """`a, b, c` of the distinct values in first-seen order (the first `most`, then `...`)."""
+    seen = list(dict.fromkeys(str(v) for v in values))
+    return ", ".join(seen[:most]) + (f", ... ({len(seen)} in all)" if len(seen) > most else "")
+
+
+# the run options that decide which examples a run trains and is scored on, but the seed
+PARTITION_OPTIONS = ("data", "heterogeneity", "num_clients", "validation_fraction",
+                     "test_fraction", "language", "positive_examples", "instances_per_task",
+                     "max_per_client")
+
+
+def run_differences(runs: Sequence[tuple[str, dict]]) -> list[str]:
+    """One line per way the runs are not comparable on one Pareto plot: a different backbone
+    (config `model`, `dtype`) or different data (config `data` or the other partition
+    options; else different partition manifests at one seed). Seeds alone are replicates
+    (each seed partitions the clients its own way), not a difference."""
+    configs = [r.get("config", {}) for _, r in runs]
+    lines = []
+
+    def differing(keys: Sequence[str]) -> list[str]:
+        return [f"{k}: {_distinct([c.get(k) for c in configs])}" for k in keys
+                if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    backbone = differing(("model", "dtype"))
+    if backbone:
+        lines.append(f"these runs differ in backbone ({'; '.join(backbone)}): the Pareto plot "
+                     "mixes them on one frontier")
+    data = differing(PARTITION_OPTIONS)
+    if not data:
+        by_seed: dict = {}
+        for _, r in runs:
+            digest = r.get("data", {}).get("manifest_hash")
+            if digest is not None:
+                by_seed.setdefault(r.get("config", {}).get("seed"), set()).add(digest)
+        split = [seed for seed, digests in by_seed.items() if len(digests) > 1]
+        if split:
+            data = [f"partition manifest hash at seed {_distinct(split)}"]
+    if data:
+        lines.append(f"these runs differ in data ({'; '.join(data)}): the Pareto plot mixes "
+                     "them on one frontier")
+    return lines

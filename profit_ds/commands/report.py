@@ -12,21 +12,24 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from profit_ds.cli import app
 from profit_ds.commands.personalize import points_table, selection_table
 from profit_ds.errors import UsageError
 from profit_ds.plots import find_runs, read_run, write_report
-from profit_ds.report import federated_table, personalization_table
+from profit_ds.report import (comparison_table, federated_table, personalization_table,
+                              run_differences)
 
 
 @app.command()
 def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --output-dir, or directories with runs below them (a sweep's output)."),
            out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and points.csv (default: RUN_DIR/report for one RUN_DIR)."),
            ) -> None:
-    """Print each run's tables; write trade-off, rounds, per-client (and study) plots, the
-    Pareto frontier over all runs, points.csv, and for a sweep's directory its settings'
-    means over seeds."""
+    """Print each run's tables and, for several runs, one table comparing them (a warning on
+    stderr when they differ in backbone or data); write trade-off, rounds, per-client (and
+    study) plots, the Pareto frontier over all runs, points.csv, and for a sweep's directory
+    its settings' means over seeds."""
     if out is None:
         if len(run_dirs) > 1:
             raise UsageError("--out: give a directory when reporting several runs")
@@ -42,5 +45,11 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --out
         if run.study:
             console.print(points_table(run.study))
             console.print(selection_table(run.study))
+    if len(runs) > 1:
+        console.rule("all runs")
+        console.print(comparison_table([(run.name, run.results) for run in runs]))
+    warnings = Console(stderr=True)
+    for line in run_differences([(run.name, run.results) for run in runs]):
+        warnings.print(f"[yellow]warning: {escape(line)}[/yellow]", soft_wrap=True)
     for path in write_report(runs, out, sweeps):
         console.print(f"wrote {path}")
