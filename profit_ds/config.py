@@ -1,68 +1,94 @@
 """The run configuration: one dataclass, resolved from defaults <- `--config FILE` <- flags.
 
-Every field is recorded in results.json, so a run can be reproduced from its own output.
-Validation happens here, before anything is loaded, with errors that name the flag.
+Every field is recorded in results.json, so a run can be reproduced from its own output. Each
+field's default and help text are written once, here: `profit-ds run` (and `data`, for the
+partition fields) builds its flags from them (`profit_ds.cli.config_options`), and a
+`--config` file takes the same names. Validation happens here, before anything is loaded, with
+errors that name the flag.
+
+This module imports nothing heavy (no torch), so `--help` stays fast: the choices that live
+with their implementations are read when a config is validated.
 """
 from __future__ import annotations
 
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from profit_ds.errors import UsageError
-from profit_ds.fl.optim import CLIENT_OPTIMIZERS
-from profit_ds.fl.server import SERVER_OPTIMIZERS
 from profit_ds.model.builtin import BUILTIN_NAMES
 
 ALGORITHMS = ("fedavg", "fedsgd")
+HETEROGENEITY_HELP = "task, iid, categories:K or dirichlet:ALPHA"
+
+
+def option(default: Any, help: str) -> Any:
+    """A RunConfig field: its default and its `--help` text (None: derived, as `help` says)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RunConfig:
     # what to run on
-    model: str = "tiny"
-    data: str = "builtin"
-    heterogeneity: str = "task"
-    language: str = "English"
-    positive_examples: int = 0
-    num_clients: int | None = 48
-    validation_fraction: float = 1 / 6
-    test_fraction: float = 1 / 6
-    instances_per_task: int = 80
-    max_per_client: int | None = None
-    max_source_tokens: int | None = 256
-    max_target_tokens: int | None = 64
+    model: str = option("tiny", "Backbone: 'tiny' (built-in), an alias such as llama-7b "
+                                "(profit-ds models), an HF id or a local path.")
+    data: str = option("builtin", "'builtin', a directory of SNI task JSON files / a "
+                                  "natural-instructions clone, or hf:NAME.")
+    heterogeneity: str = option("task", HETEROGENEITY_HELP + ".")
+    language: str = option("English", "SNI: keep tasks whose input/output language is this "
+                                      "('any' keeps all).")
+    positive_examples: int = option(0, "Demonstrations (Positive Examples) in each source "
+                                       "text.")
+    num_clients: int | None = option(48, "Number of clients (with --heterogeneity task and more "
+                                         "clients than tasks, tasks are shared).")
+    validation_fraction: float = option(1 / 6, "Share of clients that are validation clients.")
+    test_fraction: float = option(1 / 6, "Share of clients that are test clients.")
+    instances_per_task: int = option(80, "Built-in suite: instances per task.")
+    max_per_client: int | None = option(None, "Cap on instances per client (default: none).")
+    max_source_tokens: int | None = option(256, "Truncate source texts to this many tokens (the "
+                                                "middle goes first).")
+    max_target_tokens: int | None = option(64, "Truncate training targets to this many tokens.")
     # federated training
-    algo: str = "fedavg"
-    rounds: int = 15
-    clients_per_round: int = 12
-    local_epochs: int = 2
-    batch_size: int = 8
-    client_opt: str = "adam"
-    client_lr: float = 0.1
-    server_opt: str = "sgd"
-    server_lr: float = 1.0
-    prompt_tokens: int | None = None  # None: 20 for the built-in model, 100 otherwise
-    prompt_init: str = "vocab"
+    algo: str = option("fedavg", "fedavg | fedsgd")
+    rounds: int = option(15, "Federated rounds.")
+    clients_per_round: int = option(12, "Clients sampled per round.")
+    local_epochs: int = option(2, "FedAvg local epochs.")
+    batch_size: int = option(8, "Examples per client per local step.")
+    client_opt: str = option("adam", "Client optimizer: adam | sgd")
+    client_lr: float = option(0.1, "Client learning rate.")
+    server_opt: str = option("sgd", "Server optimizer: sgd | adam | yogi | adagrad")
+    server_lr: float = option(1.0, "Server learning rate (1 with sgd: plain averaging).")
+    prompt_tokens: int | None = option(None, "Virtual tokens P (default: 20 for the built-in "
+                                             "model, 100 otherwise).")
+    prompt_init: str = option("vocab", "vocab | random")
     # personalization
-    personalize_opt: str = "sgd"
-    personalize_lrs: list[float] = field(default_factory=lambda: [1.0, 30.0, 300.0])
-    personalize_epochs: int = 3
+    personalize_opt: str = option("sgd", "Personalization optimizer: sgd | adam")
+    personalize_lrs: list[float] = option([1.0, 30.0, 300.0], "Comma-separated lr grid (prompt "
+                                          "gradients of the tiny model are small; retune for "
+                                          "real backbones).")
+    personalize_epochs: int = option(3, "Personalization epochs (each is scored).")
     # evaluation
-    eval_every: int = 5
-    eval_batch_size: int = 256
-    max_new_tokens: int | None = None  # None: longest reference in the eval sets + 1
+    eval_every: int = option(5, "Score the global validation set every N rounds (0: never).")
+    eval_batch_size: int = option(256, "Rows per generation batch per rank.")
+    max_new_tokens: int | None = option(None, "Generation length (default: longest reference "
+                                              "+ 1, at most 128).")
     # machine
-    dtype: str = "fp32"
-    clients_in_parallel: str = "auto"
-    num_procs: int = 1
-    ds_config: str | None = None
-    trust_remote_code: bool = False
-    seed: int = 0
-    output_dir: str = "runs/default"
-    overwrite: bool = False
-    resume: bool = False
+    dtype: str = option("fp32", "Backbone dtype: fp32 | bf16 (prompts stay fp32).")
+    clients_in_parallel: str = option("auto", "K clients per batched step, or auto.")
+    num_procs: int = option(1, "Ranks on this machine.")
+    ds_config: str | None = option(None, "DeepSpeed ZeRO-3 JSON config (default: the bundled "
+                                         "one for --dtype).")
+    trust_remote_code: bool = option(False, "Allow model repos to run their own code.")
+    seed: int = option(0, "Seed for partitions, sampling, shuffles and prompt init.")
+    output_dir: str = option("runs/default", "Where results go.")
+    overwrite: bool = option(False, "Replace a finished run in --output-dir.")
+    resume: bool = option(False, "Continue the unfinished run in --output-dir from its last "
+                                 "checkpoint.")
 
     def resolved_prompt_tokens(self) -> int:
         if self.prompt_tokens is not None:
@@ -75,16 +101,26 @@ class RunConfig:
         return d
 
 
+# the fields that decide a run's data and partition: what `profit-ds data` takes, so that it
+# builds exactly the partition `profit-ds run` would (clients_per_round: run's check on it)
+DATA_FIELDS = ("data", "heterogeneity", "num_clients", "validation_fraction", "test_fraction",
+               "language", "positive_examples", "instances_per_task", "max_per_client",
+               "clients_per_round", "seed")
+
+
 def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, "
-                         f"got {value}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"--{name.replace('_', '-')} must be a finite number "
+                         f"{'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def validate(cfg: RunConfig) -> None:
     """Reject impossible settings before anything is loaded."""
+    from profit_ds.fl.optim import CLIENT_OPTIMIZERS
+    from profit_ds.fl.server import SERVER_OPTIMIZERS
+
     choices = {"algo": ALGORITHMS, "client_opt": CLIENT_OPTIMIZERS,
                "personalize_opt": CLIENT_OPTIMIZERS, "server_opt": SERVER_OPTIMIZERS,
                "prompt_init": ("vocab", "random"), "dtype": ("fp32", "bf16")}
@@ -100,6 +136,9 @@ def validate(cfg: RunConfig) -> None:
     _positive("prompt_tokens", cfg.resolved_prompt_tokens())
     _positive("personalize_epochs", cfg.personalize_epochs, allow_zero=True)
     _positive("eval_every", cfg.eval_every, allow_zero=True)
+    _positive("positive_examples", cfg.positive_examples, allow_zero=True)
+    for name in ("validation_fraction", "test_fraction"):
+        _positive(name, getattr(cfg, name), allow_zero=True)
     if not cfg.personalize_lrs:
         raise UsageError("--personalize-lrs: give at least one learning rate")
     for lr in cfg.personalize_lrs:
@@ -115,6 +154,19 @@ def validate(cfg: RunConfig) -> None:
 
 # annotation strings, e.g. "int | None" (this module uses postponed annotations)
 FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def field_type(name: str) -> Any:
+    """A field's type with None removed: int, float, str, bool or list[float]."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    args = typing.get_args(hint)
+    return next(a for a in args if a is not type(None)) if type(None) in args else hint
+
+
+def field_default(name: str) -> Any:
+    """The default a field takes when neither a file nor a flag sets it."""
+    return getattr(RunConfig(), name)
 
 
 def _is_number(v: Any) -> bool:

@@ -48,8 +48,9 @@ def setup() -> None:
     """Initialize the process group once (gloo on CPU, nccl on GPU), launcher or not."""
     if dist.is_initialized():
         return
-    import deepspeed
+    from profit_ds.model.ds_config import import_deepspeed
 
+    deepspeed = import_deepspeed()
     share_cpu_threads()
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -71,7 +72,9 @@ def setup() -> None:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; before the process group exists, the one its launcher set (so a
+    rank that is not 0 stays quiet from its first line)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world() -> int:

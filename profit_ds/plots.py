@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from profit_ds import io
 from profit_ds.errors import UsageError
-from profit_ds.study import SETTING
+from profit_ds.selection import SETTING
 
 CSV_COLUMNS = ("run", "source", "split", "client", "lr", "prox_lambda", "epoch", "alpha",
                "local_rouge_l", "global_rouge_l", "local_exact_match", "global_exact_match",

@@ -1,4 +1,5 @@
-"""What a run shows on the terminal: Rich progress while working, Rich tables at the end.
+"""What a run shows: progress while working (a Rich bar on a terminal, plain lines in a log),
+Rich tables at the end, and the same in the run's log file.
 
 Only rank 0 reports; on other ranks every method is a no-op, so the training code calls it
 unconditionally.
@@ -6,7 +7,10 @@ unconditionally.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -20,36 +24,104 @@ Advance = Callable[..., None]
 
 
 class Reporter:
-    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+    """Progress, warnings and tables of one command, on rank 0 (a no-op elsewhere).
+
+    On a terminal, progress is a Rich bar. Anywhere else (a pipe, a batch job's log file) a
+    bar would print only when its phase ends, which on a cluster can be hours of silence; there
+    each phase prints plain lines instead (phase, done/total, status, elapsed, ETA), after every
+    status change (every round) and at least every `heartbeat_s` seconds. With `log`, the same
+    plain lines, the warnings and the final tables also go to that file (a run's `run.log`),
+    timestamped, whatever the terminal shows. Progress and warnings go to stderr; stdout holds
+    only a command's own output (its tables).
+    """
+
+    def __init__(self, enabled: bool = True, console: Console | None = None,
+                 log: Path | None = None, heartbeat_s: float = 30.0) -> None:
         self.enabled = enabled
         self.console = console or Console(stderr=True)
+        self.heartbeat_s = heartbeat_s
+        self._log = log if enabled else None
+        if self._log is not None:
+            self._log.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, line: str) -> None:
+        """Append one timestamped line to the log file (if any)."""
+        if self._log is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with self._log.open("a", encoding="utf-8") as f:
+                f.write(f"{stamp} {line}\n")
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Advance]:
-        """A progress bar; yields `advance(n, status="")`."""
+        """A phase of `total` units; yields `advance(n=1, status="")`."""
         if not self.enabled:
             yield lambda n=1, status="": None
             return
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            tid = progress.add_task(description, total=total, status="")
+        plain = not self.console.is_terminal
+        line = _PhaseLine(description, total)
+        lock = threading.Lock()
 
-            def advance(n: int = 1, status: str = "") -> None:
-                progress.update(tid, advance=n, status=status)
-            yield advance
+        def emit(force: bool = False) -> None:
+            with lock:
+                news = (line.done, line.status) != line.shown
+                if (force and news) or time.monotonic() - line.printed >= self.heartbeat_s:
+                    text = line.render()
+                    line.printed, line.shown = time.monotonic(), (line.done, line.status)
+                    self.log(text)
+                    if plain:
+                        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(min(self.heartbeat_s, 1.0)):
+                emit()
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        emit(force=True)
+        beat.start()
+        try:
+            if plain:
+                def advance(n: int = 1, status: str = "") -> None:
+                    changed = bool(status) and status != line.status
+                    line.step(n, status)
+                    emit(force=changed)
+                yield advance
+            else:
+                columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+                           MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                           TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+                with Progress(*columns, console=self.console, transient=False) as progress:
+                    tid = progress.add_task(description, total=total, status="")
+
+                    def advance(n: int = 1, status: str = "") -> None:
+                        changed = bool(status) and status != line.status
+                        line.step(n, status)
+                        progress.update(tid, advance=n, status=status)
+                        emit(force=changed)
+                    yield advance
+        finally:
+            stop.set()
+            beat.join()
+            emit(force=True)
 
     def warn(self, message: str) -> None:
         if self.enabled:
-            self.console.print(f"[yellow]{message}[/yellow]")
+            self.console.print(f"[yellow]{escape(message)}[/yellow]")
+            self.log(f"warning: {message}")
+
+    def info(self, message: str) -> None:
+        """A plain line on the progress stream (stderr) and in the log."""
+        if self.enabled:
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            self.log(message)
 
     def data_summary(self, partition, backbone, k_parallel: int) -> None:
         if not self.enabled:
             return
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.model.parameters())
-        self.console.print(
-            f"[bold]profit-ds[/bold]  backbone {backbone.name} ({n_params / 1e6:.2f}M params, "
+        self.info(
+            f"profit-ds  backbone {backbone.name} ({n_params / 1e6:.2f}M params, "
             f"{str(backbone.dtype).replace('torch.', '')}, "
             f"{'ZeRO-3' if backbone.engine is not None else 'whole on 1 rank'})  clients: "
             f"{len(partition.train_clients)} train / {len(partition.validation_clients)} "
@@ -59,12 +131,53 @@ class Reporter:
     def results(self, results: dict, out: Path) -> None:
         if not self.enabled:
             return
-        console = Console()
-        console.print(federated_table(results))
-        console.print(personalization_table(results))
         t = results["timing"]
-        console.print(f"done in {t['total_s']:.0f}s (training {t['train_s']:.0f}s, "
-                      f"personalization {t['personalize_s']:.0f}s); files in {out}/")
+        done = (f"done in {t['total_s']:.0f}s (training {t['train_s']:.0f}s, "
+                f"personalization {t['personalize_s']:.0f}s); files in {out}/")
+        tables = (federated_table(results), personalization_table(results))
+        console = Console()
+        for table in tables:
+            console.print(table)
+        console.print(done, markup=False, highlight=False)
+        if self._log is not None:
+            with self._log.open("a", encoding="utf-8") as f:
+                file_console = Console(file=f, width=100, color_system=None)
+                for table in tables:
+                    file_console.print(table)
+            self.log(done)
+
+
+@dataclass
+class _PhaseLine:
+    """The state of one phase, as a plain progress line shows it."""
+
+    description: str
+    total: int
+    done: int = 0
+    status: str = ""
+    started: float = field(default_factory=time.monotonic)
+    printed: float = 0.0
+    shown: tuple | None = None  # (done, status) as last printed
+
+    def step(self, n: int, status: str) -> None:
+        self.done += n
+        if status:
+            self.status = status
+
+    def render(self) -> str:
+        elapsed = time.monotonic() - self.started
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        eta = (_clock(elapsed / self.done * (self.total - self.done))
+               if 0 < self.done <= self.total else "?")
+        status = f" | {self.status}" if self.status else ""
+        return (f"{self.description}: {self.done}/{self.total}{share}{status} | elapsed "
+                f"{_clock(elapsed)} | eta {eta}")
+
+
+def _clock(seconds: float) -> str:
+    """3725.2 -> '1:02:05'."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def federated_table(results: dict) -> Table:

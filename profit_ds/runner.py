@@ -22,9 +22,7 @@ import torch
 import profit_ds
 from profit_ds import checkpoint, distributed, io
 from profit_ds.config import RunConfig
-from profit_ds.data.builtin import builtin_tasks
-from profit_ds.data.format import FormatSpec
-from profit_ds.data.partition import PartitionSpec, build_partition
+from profit_ds.data.for_run import load_tasks, run_partition
 from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
@@ -32,39 +30,14 @@ from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize, summarize
 from profit_ds.fl.rounds import RoundSpec, federated_round
 from profit_ds.fl.server import ServerOptimizer, ServerState
-from profit_ds.model.backbone import DTYPES, Backbone, init_prompt, load_backbone, resolve_path
+from profit_ds.model.aliases import resolve_model
+from profit_ds.model.backbone import DTYPES, Backbone, init_prompt, load_backbone
 from profit_ds.report import Reporter
 
 CHECKPOINTS = "checkpoints"
+RUN_LOG = "run.log"  # progress lines, warnings and the final tables, timestamped
 # K=auto: rows x tokens of one step per rank (its forwards are cut smaller: fl/gradients.py)
 TOKENS_PER_STEP = {"cpu": 8192, "cuda": 65536}
-
-
-def load_tasks(cfg: RunConfig):
-    """Tasks for `--data`: the built-in suite, or SNI through profit_ds.data.loading."""
-    if cfg.data == "builtin":
-        return builtin_tasks(instances_per_task=cfg.instances_per_task)
-    from profit_ds.data.loading import load_tasks as load_sni
-    return load_sni(cfg.data, languages=None if cfg.language == "any" else (cfg.language,))
-
-
-def partition_spec(cfg: RunConfig) -> PartitionSpec:
-    """The partition options of a run config."""
-    return PartitionSpec(heterogeneity=cfg.heterogeneity, num_clients=cfg.num_clients,
-                         validation_fraction=cfg.validation_fraction,
-                         test_fraction=cfg.test_fraction, max_per_client=cfg.max_per_client,
-                         seed=cfg.seed)
-
-
-def run_partition(cfg: RunConfig, tasks):
-    """The run's seeded partition of `tasks` (the same clients every time: `personalize` and
-    `sweep` rebuild it with this too); more clients per round than train clients is an error."""
-    partition = build_partition(tasks, partition_spec(cfg),
-                                FormatSpec(num_positive_examples=cfg.positive_examples))
-    if cfg.clients_per_round > len(partition.train_clients):
-        raise UsageError(f"--clients-per-round {cfg.clients_per_round}: only "
-                         f"{len(partition.train_clients)} train clients")
-    return partition
 
 
 def clients_in_parallel(cfg: RunConfig, data: FederatedData, prompt_tokens: int) -> int:
@@ -243,8 +216,10 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     """
     t0 = time.perf_counter()
     out = prepare_output(cfg)
-    resolve_path(cfg.model)  # a bad --model fails now, not after the data is loaded
-    reporter = Reporter(enabled=distributed.is_main())
+    resolve_model(cfg.model)  # a bad --model fails now, not after the data is loaded
+    if distributed.is_main() and not cfg.resume:  # a fresh run (or --overwrite): a fresh log
+        (out / RUN_LOG).unlink(missing_ok=True)
+    reporter = Reporter(enabled=distributed.is_main(), log=out / RUN_LOG)
     partition = run_partition(cfg, load_tasks(cfg))
     cfg_hash = checkpoint.config_hash(cfg.to_dict())
     ckpt_dir = out / CHECKPOINTS

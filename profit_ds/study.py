@@ -5,7 +5,8 @@ Why validation clients: picking the setting that looks best on the test clients 
 optimistic number. The paper personalizes the (held-out) validation clients with every
 setting, picks one by their local and global validation scores, and reports the test
 clients' scores at that setting. `select_on="test"` (oracle selection) exists only to measure
-that optimism; the output records which one was used and the rule's exact wording.
+that optimism; the output records which one was used and the rule's exact wording. The grid,
+its points and the rule are pure functions in `profit_ds.selection`; this module runs them.
 """
 from __future__ import annotations
 
@@ -18,57 +19,17 @@ import torch
 
 from profit_ds import distributed, io
 from profit_ds.config import RunConfig, resolve
+from profit_ds.data.for_run import load_tasks, run_partition
 from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
 from profit_ds.export import read_prompt
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
-from profit_ds.fl.optim import CLIENT_OPTIMIZERS, ClientOptimizer
+from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize
 from profit_ds.model.backbone import Backbone, load_backbone
 from profit_ds.report import Reporter
-from profit_ds.runner import (
-    clients_in_parallel,
-    load_tasks,
-    max_new_tokens,
-    run_partition,
-    shared_prompt_scores,
-)
-
-SETTING = ("lr", "prox_lambda", "epoch", "alpha")
-METRICS = ("local_rouge_l", "global_rouge_l", "local_exact_match", "global_exact_match")
-SELECT_ON = ("validation", "test")
-RULE = ("Among the settings (lr, prox_lambda, epoch, alpha) whose mean global ROUGE-L on the "
-        "{split} clients' global set is at least the federated prompt's minus {tol:g} points, "
-        "take the one with the highest mean local ROUGE-L on those clients (ties: the first in "
-        "(lr, prox_lambda, epoch, alpha) order); if none qualifies, keep the federated prompt. "
-        "Report the test clients' scores at that setting.")
-
-
-@dataclass(frozen=True)
-class StudyGrid:
-    """What `profit-ds personalize` sweeps; alpha 1 (the personalized prompt) is always scored."""
-
-    lrs: tuple[float, ...]
-    epochs: int
-    opt: str = "sgd"
-    prox_lambdas: tuple[float, ...] = (0.0,)
-    alphas: tuple[float, ...] = ()
-    select_on: str = "validation"
-    tolerance: float = 1.0
-
-    def __post_init__(self) -> None:
-        """Refuse an impossible grid before a backbone is loaded."""
-        if self.opt not in CLIENT_OPTIMIZERS:
-            raise UsageError(f"--opt {self.opt}: expected one of {', '.join(CLIENT_OPTIMIZERS)}")
-        if self.select_on not in SELECT_ON:
-            raise UsageError(f"--select-on {self.select_on}: expected one of "
-                             f"{', '.join(SELECT_ON)}")
-        if not self.lrs or min(self.lrs) < 0:
-            raise UsageError("--lrs: give one or more learning rates >= 0")
-        if self.epochs < 1:
-            raise UsageError(f"--epochs {self.epochs}: must be >= 1")
-        if not self.prox_lambdas or min(self.prox_lambdas) < 0:
-            raise UsageError("--prox-lambdas: give one or more lambdas >= 0")
+from profit_ds.runner import clients_in_parallel, max_new_tokens, shared_prompt_scores
+from profit_ds.selection import StudyGrid, mean_points, select
 
 
 @dataclass
@@ -102,43 +63,6 @@ def load_run(run_dir: Path) -> FinishedRun:
     return FinishedRun(cfg, backbone, data, prompt,
                        clients_in_parallel(cfg, data, prompt.shape[0]),
                        max_new_tokens(cfg, data, backbone.tokenizer))
-
-
-def flatten(record: dict) -> list[dict]:
-    """One row per scored prompt of a personalization record: the personalized prompt
-    (alpha 1) and its interpolations (alpha 1's interpolated copy is the same prompt; it is
-    kept in the raw records as the identity check, not repeated here)."""
-    base = {k: record[k] for k in ("split", "client", "lr", "prox_lambda", "epoch")}
-    rows = [{**base, "alpha": 1.0, **{m: record[m] for m in METRICS}}]
-    rows += [{**base, **i} for i in record.get("interpolated", []) if i["alpha"] != 1.0]
-    return rows
-
-
-def mean_points(records: Sequence[dict]) -> list[dict]:
-    """Mean over clients of every (split, setting): the points the selection and plots use."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in (r for rec in records for r in flatten(rec)):
-        groups.setdefault((row["split"],) + tuple(row[k] for k in SETTING), []).append(row)
-    return [{"split": key[0], **dict(zip(SETTING, key[1:])), "clients": len(rows),
-             **{m: sum(r[m] for r in rows) / len(rows) for m in METRICS}}
-            for key, rows in sorted(groups.items())]
-
-
-def select(points: Sequence[dict], federated: dict[str, dict], grid: StudyGrid) -> dict:
-    """Apply RULE; returns the rule's text, the chosen setting (None: the federated prompt)
-    and the scores it was chosen on and is reported with."""
-    floor = federated[grid.select_on]["global_rouge_l"] - grid.tolerance
-    eligible = [p for p in points
-                if p["split"] == grid.select_on and p["global_rouge_l"] >= floor]
-    rule = RULE.format(split=grid.select_on, tol=grid.tolerance)
-    if not eligible:
-        return {"rule": rule, "setting": None, "chosen_on": federated[grid.select_on],
-                "test": federated["test"]}
-    best = max(eligible, key=lambda p: p["local_rouge_l"])
-    setting = {k: best[k] for k in SETTING}
-    test = next(p for p in points
-                if p["split"] == "test" and all(p[k] == v for k, v in setting.items()))
-    return {"rule": rule, "setting": setting, "chosen_on": best, "test": test}
 
 
 def _splits(data: FederatedData, grid: StudyGrid) -> dict[str, tuple[list[ClientData], EvalSet]]:

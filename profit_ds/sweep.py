@@ -252,16 +252,17 @@ def check_before_running(cells: Sequence[Cell], cfgs: Sequence[RunConfig], path:
     `offline` (a dry run): nothing is downloaded; a hub model that is not in the local cache
     skips the model checks, which the sweep itself then makes before its first cell.
     """
-    from profit_ds.model.backbone import resolve_path
+    from profit_ds.model.aliases import resolve_model
     from profit_ds.model.ds_config import load_ds_config
-    from profit_ds.runner import check_fits, load_tasks, partition_spec, run_partition
+    from profit_ds.data.for_run import load_tasks, partition_spec, run_partition
+    from profit_ds.runner import check_fits
 
     tasks: dict[tuple, list] = {}
     models: dict[tuple, tuple] = {}
     seen: set = set()
     for cell, cfg in zip(cells, cfgs):
         try:
-            resolve_path(cfg.model)  # an unknown alias or missing folder, even offline
+            resolve_model(cfg.model)  # an unknown alias or missing folder, even offline
             model_key = (cfg.model, cfg.trust_remote_code)
             if model_key not in models:
                 models[model_key] = _model_files(*model_key, offline)

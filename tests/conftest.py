@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random-init Llama saved locally (no hub), and its ZeRO-3 backbone.
 
-The backbone fixture is session-scoped: DeepSpeed's process group and its one-time JIT op build
-are paid once per test session.
+The backbone fixture is session-scoped: DeepSpeed's process group and its ZeRO-3 wrapping are
+paid once per test session.
 """
 from __future__ import annotations
 

@@ -198,8 +198,9 @@ def test_data_command_json():
     result = CliRunner().invoke(cli.app, ["data", "--data", str(SAMPLE), "--heterogeneity",
                                           "categories:1", "--num-clients", "12", "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
-    assert summary["clients"] == {"train": 6, "validation": 2, "test": 4}
+    summary = json.loads(result.stdout)
+    assert summary["clients"] == {"train": 8, "validation": 2, "test": 2}  # run's fractions
+    assert "would refuse this: --clients-per-round 12: only 8 train clients" in result.stderr
     assert summary["loaded"] == {"tasks": 24, "categories": 8, "instances": 1375}
     assert summary["mean_client_category_entropy"] == 0.0
     assert len(summary["manifest_hash"]) == 64

@@ -20,7 +20,8 @@ from profit_ds.fl.personalize import PersonalizeSpec, personalize
 from profit_ds.plots import (CSV_COLUMNS, SETTING_SOURCES, find_runs, pareto_front,
                               sweep_points)
 from profit_ds.runner import run
-from profit_ds.study import StudyGrid, load_run, run_study
+from profit_ds.selection import StudyGrid
+from profit_ds.study import load_run, run_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,22 +6,26 @@ its manifest hash) should not need a model or a training run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from profit_ds.cli import app
-from profit_ds.data.loading import load_tasks
-from profit_ds.data.partition import (HETEROGENEITY_HELP, PartitionSpec, all_clients,
-                                      build_partition, category_entropy,
-                                      mean_client_category_entropy)
-from profit_ds.data.types import Partition, Task
+from profit_ds.cli import app, config_options
+from profit_ds.config import DATA_FIELDS, resolve
+
+if TYPE_CHECKING:
+    from profit_ds.data.partition import PartitionSpec
+    from profit_ds.data.types import Partition, Task
 
 
 def summarize(tasks: list[Task], partition: Partition) -> dict:
     """The numbers `data` reports, as one JSON-ready dict."""
+    from profit_ds.data.partition import all_clients, category_entropy, mean_client_category_entropy
+
     clients = all_clients(partition)
     examples = [e for c in clients for e in c.train + c.test]
     splits = {"train": partition.train_clients, "validation": partition.validation_clients,
@@ -72,39 +76,34 @@ def _print_summary(data: str, spec: PartitionSpec, summary: dict) -> None:
 
 
 @app.command()
+@config_options(DATA_FIELDS)
 def data(
-    data: str = typer.Option("builtin", "--data",
-                             help="builtin, a directory of SNI task JSON files (or a "
-                                  "natural-instructions clone), or hf:NAME."),
-    heterogeneity: str = typer.Option("task", "--heterogeneity", help=HETEROGENEITY_HELP),
-    num_clients: int = typer.Option(None, "--num-clients",
-                                    help="Number of clients (default: one per task)."),
-    seed: int = typer.Option(0, "--seed"),
-    language: list[str] = typer.Option(["English"], "--language",
-                                       help="Keep tasks in these languages (repeat the flag; "
-                                            "'any' keeps all)."),
-    task_split: str = typer.Option("default", "--task-split",
-                                   help="default (official train+test tasks), train, test, all."),
-    max_instances: int = typer.Option(10_000, "--max-instances",
-                                      help="Cap on instances in the partition."),
-    max_per_client: int = typer.Option(None, "--max-per-client",
-                                       help="Cap on instances per client."),
-    save_manifest: Path = typer.Option(None, "--save-manifest",
-                                       help="Write the manifest (instance ids per client) here."),
+    overrides: dict,
+    config: Optional[str] = typer.Option(None, help="YAML/JSON file of run options (as for "
+                                                    "`profit-ds run --config`); flags override "
+                                                    "it."),
+    save_manifest: Optional[Path] = typer.Option(None, "--save-manifest",
+                                                 help="Write the manifest (instance ids per "
+                                                      "client) here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
-    """Build the partition and summarize it: clients per split, tasks, categories, instances,
+    """Build the partition `profit-ds run` would build with the same options (the same
+    manifest hash) and summarize it: clients per split, tasks, categories, instances,
     heterogeneity (mean per-client category entropy) and the manifest hash."""
-    tasks = load_tasks(data, languages=language, task_split=task_split)
-    spec = PartitionSpec(heterogeneity=heterogeneity, num_clients=num_clients, seed=seed,
-                         max_instances=max_instances, max_per_client=max_per_client)
-    partition = build_partition(tasks, spec)
+    from profit_ds.data.for_run import load_tasks, partition_of, partition_spec, sampling_problem
+
+    cfg = resolve(config, overrides)
+    tasks = load_tasks(cfg)
+    partition = partition_of(cfg, tasks)
+    problem = sampling_problem(cfg, partition)
+    if problem:  # a preview still shows the partition; `run` would refuse it
+        print(f"warning: `profit-ds run` would refuse this: {problem}", file=sys.stderr)
     if save_manifest is not None:
         save_manifest.write_text(json.dumps({"hash": partition.manifest_hash,
                                              **partition.manifest}, indent=1))
-    summary = {"data": data, "heterogeneity": heterogeneity, "seed": seed,
+    summary = {"data": cfg.data, "heterogeneity": cfg.heterogeneity, "seed": cfg.seed,
                **summarize(tasks, partition)}
     if as_json:
         print(json.dumps(summary))
     else:
-        _print_summary(data, spec, summary)
+        _print_summary(cfg.data, partition_spec(cfg), summary)

@@ -14,8 +14,7 @@ from rich.table import Table
 
 from profit_ds.cli import app
 from profit_ds.errors import UsageError
-from profit_ds.report import Reporter
-from profit_ds.study import SETTING, StudyGrid, study_run
+from profit_ds.selection import SETTING, StudyGrid
 
 
 def floats(text: str, flag: str) -> tuple[float, ...]:
@@ -71,6 +70,9 @@ def personalize(
 ) -> None:
     """Personalize every test (and validation) client over the grid, select the setting on the
     validation clients, write RUN_DIR/study.json and print the tables."""
+    from profit_ds.report import Reporter
+    from profit_ds.study import study_run
+
     grid = StudyGrid(floats(lrs, "--lrs"), epochs, opt, floats(prox_lambdas, "--prox-lambdas"),
                      floats(interp_alphas, "--interp-alphas"), select_on, tolerance)
     study = study_run(run_dir, grid, Reporter())

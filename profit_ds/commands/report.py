@@ -17,7 +17,6 @@ from rich.markup import escape
 from profit_ds.cli import app
 from profit_ds.commands.personalize import points_table, selection_table
 from profit_ds.errors import UsageError
-from profit_ds.plots import find_runs, read_run, write_report
 from profit_ds.report import (comparison_table, federated_table, personalization_table,
                               run_differences)
 
@@ -30,6 +29,8 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="Finished runs' --out
     stderr when they differ in backbone or data); write trade-off, rounds, per-client (and
     study) plots, the Pareto frontier over all runs, points.csv, and for a sweep's directory
     its settings' means over seeds."""
+    from profit_ds.plots import find_runs, read_run, write_report
+
     if out is None:
         if len(run_dirs) > 1:
             raise UsageError("--out: give a directory when reporting several runs")

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from profit_ds.cli import app
 from profit_ds.errors import UsageError
-from profit_ds.evaluation.rouge import score_predictions
 
 
 def read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -39,6 +38,8 @@ def read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
 def score(file: Path = typer.Argument(..., help="JSONL: {\"prediction\": str, \"references\": [str, ...]} per line"),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
     """Mean ROUGE-L (rouge-score rougeL F, Porter stemming, max over references) and exact match."""
+    from profit_ds.evaluation.rouge import score_predictions
+
     result = score_predictions(*read_predictions(file))
     if as_json:
         print(json.dumps(result))

@@ -31,11 +31,10 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from profit_ds.config import HETEROGENEITY_HELP
 from profit_ds.data.format import FormatSpec, to_example
 from profit_ds.data.types import Client, Example, Partition, Task
 from profit_ds.errors import UsageError
-
-HETEROGENEITY_HELP = "task, iid, categories:K or dirichlet:ALPHA"
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ to steer.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # imported where used: `--model tiny` is resolved without loading them
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 BUILTIN_NAMES = ("tiny", "builtin")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -22,6 +23,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts`: open vocabulary (any UTF-8 text encodes), and the
     suite's words become single tokens, which keeps sequences short for a CPU model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -35,6 +39,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedToken
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
     """Small enough to pretrain in minutes on 2 CPU cores, deep enough to learn the suite."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512,
                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=512, tie_word_embeddings=True,

@@ -12,7 +12,10 @@ outside DeepSpeed (DESIGN.md point 2).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -93,12 +96,38 @@ def without_zero_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def deepspeed_zero() -> ModuleType:
-    """DeepSpeed's ZeRO package (its config model and stage-3 memory estimators).
+def import_deepspeed() -> ModuleType:
+    """DeepSpeed, imported the one way profit-ds does (every use goes through here).
 
-    Imported with stdout sent to stderr: on first import DeepSpeed logs its accelerator
-    detection to stdout, which would corrupt `--json` output.
+    - The accelerator is named (`DS_ACCELERATOR=cpu` where torch sees no GPU): otherwise
+      DeepSpeed guesses it and warns on every start.
+    - Its import-time logs go to stderr (stdout is for a command's own output, e.g. `--json`),
+      and its INFO logs are off.
+    - It never JIT-builds its shared-memory communication op (`deepspeed_shm_comm`). DeepSpeed
+      builds that C++ op on the first `init_distributed` on a CPU (about a minute, and only
+      with a compiler); a process killed during the build leaves a lock file in the torch
+      extensions cache on which every later process waits forever, silently. The op serves
+      only DeepSpeed's inference all-reduce on CPUs; ZeRO-3's parameter all-gathers and our
+      gradient all-reduce go through torch.distributed (gloo), so nothing here uses it.
+      Without it, no run builds anything: none can hang on a stale lock or need a compiler.
     """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed
+        # by module name: the attribute `deepspeed.comm.torch` is PyTorch itself
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+    for name in ("DeepSpeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return deepspeed
+
+
+def deepspeed_zero() -> ModuleType:
+    """DeepSpeed's ZeRO package (its config model and stage-3 memory estimators)."""
+    import_deepspeed()
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed.runtime.zero.config
         import deepspeed.runtime.zero.stage3  # the estimators live here

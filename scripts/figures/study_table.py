@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from statistics import mean, stdev
 
-from profit_ds.study import SETTING
+from profit_ds.selection import SETTING
 
 
 def spread(values: list[float], signed: bool = False) -> str:
