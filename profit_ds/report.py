@@ -20,6 +20,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from profit_ds.config import DATA_FIELDS
+
 Advance = Callable[..., None]
 
 
@@ -245,9 +247,9 @@ def _distinct(values: Sequence, most: int = 4) -> str:
 
 
 # the run options that decide which examples a run trains and is scored on, but the seed
-PARTITION_OPTIONS = ("data", "heterogeneity", "num_clients", "validation_fraction",
-                     "test_fraction", "language", "positive_examples", "instances_per_task",
-                     "max_per_client")
+# the options that decide which examples a run's clients hold (seeds are replicates; the
+# clients sampled per round do not change the data)
+PARTITION_OPTIONS = tuple(f for f in DATA_FIELDS if f not in ("seed", "clients_per_round"))
 
 
 def run_differences(runs: Sequence[tuple[str, dict]]) -> list[str]:
