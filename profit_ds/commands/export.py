@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 
 from profit_ds.cli import app
-from profit_ds.export import export_run
 
 
 @app.command()
@@ -16,5 +15,8 @@ def export(run_dir: Path = typer.Argument(..., help="A finished run's --output-d
            client: Optional[str] = typer.Option(None, help="A test client's personalized prompt instead of the global one."),
            lr: Optional[float] = typer.Option(None, help="Which personalization lr (when the client has several).")) -> None:
     """Export the global (or a personalized) prompt for PeftModel.from_pretrained."""
+    from profit_ds.export import FORMAT_FILE, export_run
+
     path = export_run(run_dir, out, client, lr)
-    print(f"wrote a PEFT prompt-tuning adapter to {path}")
+    print(f"wrote a PEFT prompt-tuning adapter to {path}; {path / FORMAT_FILE} says how to "
+          "build its inputs and generate as the run did")
