@@ -41,6 +41,7 @@ RUN pip install --no-cache-dir \
     "safetensors==0.8.0" \
     "pyyaml==6.0.3" \
     "matplotlib==3.11.2" \
+    "gguf==0.19.0" \
     .
 
 WORKDIR /workspace

