@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import typer
 
-from profit_ds.config import FIELDS, field_default, field_type
+from profit_ds.config import FIELDS, REAL_MODEL_DEFAULTS, field_default, field_type
 from profit_ds.errors import UsageError, explain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -53,10 +53,13 @@ def config_options(names: Sequence[str]) -> Callable[[Callable], Callable]:
             flag = "--" + name.replace("_", "-")
             text = FIELDS[name].metadata["help"]
             if kind is not bool and default is not None:
-                shown = (",".join(f"{x:g}" for x in default) if isinstance(default, list)
-                         else f"{default:.4g}" if isinstance(default, float) else default)
-                text += f" (default: {shown})"
-            info = typer.Option(None, flag, help=text, show_default=False)
+                text += f" (default: {_shown(default)}"
+                if name in REAL_MODEL_DEFAULTS:
+                    text += f"; {_shown(REAL_MODEL_DEFAULTS[name])} for a pretrained --model"
+                text += ")"
+            # a flag that defaults to "decide for me" (None) can also be turned off
+            flags = [f"{flag}/--no-{flag[2:]}"] if kind is bool and default is None else [flag]
+            info = typer.Option(None, *flags, help=text, show_default=False)
             cli_type = Optional[str if kind not in (int, float, bool) else kind]
             generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                                default=info, annotation=cli_type))
@@ -74,6 +77,13 @@ def config_options(names: Sequence[str]) -> Callable[[Callable], Callable]:
         return wrapper
 
     return decorate
+
+
+def _shown(value: Any) -> str:
+    """A default as --help shows it: 0.1667, 1,30,300, fp32."""
+    if isinstance(value, list):
+        return ",".join(f"{x:g}" for x in value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _parse_flag(name: str, value: Any) -> Any:

@@ -32,6 +32,19 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# Defaults that differ for a real pretrained backbone (any --model but the built-in one),
+# found by measurement with SmolLM2-135M-Instruct on the SNI sample (docs/REAL_MODEL.md,
+# scripts/real_model_defaults.py). The dataclass's own defaults are the built-in model's.
+REAL_MODEL_DEFAULTS: dict[str, Any] = {
+    "dtype": "bf16",              # 2-4x faster matmuls on CPUs with AVX-512 BF16, and on GPUs
+    "prompt_init": "text",        # vocab init lowered SmolLM2's global ROUGE-L; text kept it
+    "max_source_tokens": 1024,    # SNI's (Tk-Instruct's) source length
+    "max_target_tokens": 128,     # and target length
+    "client_lr": 0.01,
+    "personalize_lrs": [0.3, 3.0],
+}
+
+
 @dataclass
 class RunConfig:
     # what to run on
@@ -53,6 +66,10 @@ class RunConfig:
     max_source_tokens: int | None = option(256, "Truncate source texts to this many tokens (the "
                                                 "middle goes first).")
     max_target_tokens: int | None = option(64, "Truncate training targets to this many tokens.")
+    chat_template: bool | None = option(None, "Wrap each source in the tokenizer's chat template "
+                                              "as the user's turn, the target as the assistant's "
+                                              "(default: on where the tokenizer has one, i.e. "
+                                              "instruct models).")
     # federated training
     algo: str = option("fedavg", "fedavg | fedsgd")
     rounds: int = option(15, "Federated rounds.")
@@ -63,9 +80,12 @@ class RunConfig:
     client_lr: float = option(0.1, "Client learning rate.")
     server_opt: str = option("sgd", "Server optimizer: sgd | adam | yogi | adagrad")
     server_lr: float = option(1.0, "Server learning rate (1 with sgd: plain averaging).")
-    prompt_tokens: int | None = option(None, "Virtual tokens P (default: 20 for the built-in "
-                                             "model, 100 otherwise).")
-    prompt_init: str = option("vocab", "vocab | random")
+    prompt_tokens: int = option(20, "Virtual tokens P.")
+    prompt_init: str = option("vocab", "vocab (embeddings of random tokens) | text (of "
+                                       "--prompt-init-text, repeated to P tokens, as PEFT's TEXT "
+                                       "init) | random (Gaussian)")
+    prompt_init_text: str = option("Follow the instruction and answer the question.",
+                                   "The phrase of --prompt-init text.")
     # personalization
     personalize_opt: str = option("sgd", "Personalization optimizer: sgd | adam")
     personalize_lrs: list[float] = option([1.0, 30.0, 300.0], "Comma-separated lr grid (prompt "
@@ -74,12 +94,21 @@ class RunConfig:
     personalize_epochs: int = option(3, "Personalization epochs (each is scored).")
     # evaluation
     eval_every: int = option(5, "Score the global validation set every N rounds (0: never).")
-    eval_batch_size: int = option(256, "Rows per generation batch per rank.")
+    eval_batch_size: int | None = option(None, "Rows per generation batch per rank (default: "
+                                               "as many as fit the memory budget, up to the "
+                                               "device's cap).")
     max_new_tokens: int | None = option(None, "Generation length (default: longest reference "
                                               "+ 1, at most 128).")
     # machine
     dtype: str = option("fp32", "Backbone dtype: fp32 | bf16 (prompts stay fp32).")
-    clients_in_parallel: str = option("auto", "K clients per batched step, or auto.")
+    clients_in_parallel: str = option("auto", "K clients per batched step, or auto (as many "
+                                              "as fill one forward on every rank).")
+    memory_budget: float | None = option(None, "GB a rank may use for activations, KV caches "
+                                               "and batches (default: half the available RAM "
+                                               "on a CPU, 90% of the free GPU memory less 1 GB "
+                                               "on a GPU).")
+    activation_checkpointing: str = option("auto", "auto (on only when one row does not fit "
+                                                   "the memory budget without it) | on | off")
     num_procs: int = option(1, "Ranks on this machine.")
     ds_config: str | None = option(None, "DeepSpeed ZeRO-3 JSON config (default: the bundled "
                                          "one for --dtype).")
@@ -90,15 +119,8 @@ class RunConfig:
     resume: bool = option(False, "Continue the unfinished run in --output-dir from its last "
                                  "checkpoint.")
 
-    def resolved_prompt_tokens(self) -> int:
-        if self.prompt_tokens is not None:
-            return self.prompt_tokens
-        return 20 if self.model in BUILTIN_NAMES else 100
-
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["prompt_tokens"] = self.resolved_prompt_tokens()
-        return d
+        return asdict(self)
 
 
 # the fields that decide a run's data and partition: what `profit-ds data` takes, so that it
@@ -123,7 +145,8 @@ def validate(cfg: RunConfig) -> None:
 
     choices = {"algo": ALGORITHMS, "client_opt": CLIENT_OPTIMIZERS,
                "personalize_opt": CLIENT_OPTIMIZERS, "server_opt": SERVER_OPTIMIZERS,
-               "prompt_init": ("vocab", "random"), "dtype": ("fp32", "bf16")}
+               "prompt_init": ("vocab", "random", "text"), "dtype": ("fp32", "bf16"),
+               "activation_checkpointing": ("auto", "on", "off")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
@@ -133,7 +156,10 @@ def validate(cfg: RunConfig) -> None:
                  "max_per_client", "max_source_tokens", "max_target_tokens", "max_new_tokens",
                  "num_clients"):
         _positive(name, getattr(cfg, name))
-    _positive("prompt_tokens", cfg.resolved_prompt_tokens())
+    _positive("prompt_tokens", cfg.prompt_tokens)
+    _positive("memory_budget", cfg.memory_budget)
+    if cfg.prompt_init == "text" and not cfg.prompt_init_text.strip():
+        raise UsageError("--prompt-init-text: give a phrase for --prompt-init text")
     _positive("personalize_epochs", cfg.personalize_epochs, allow_zero=True)
     _positive("eval_every", cfg.eval_every, allow_zero=True)
     _positive("positive_examples", cfg.positive_examples, allow_zero=True)
@@ -225,15 +251,31 @@ def load_config_file(path: str) -> dict[str, Any]:
     return {k: coerce(k, v, f"--config {path}: {k}") for k, v in normalized.items()}
 
 
-def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Defaults, then the config file, then explicitly given flags (non-None overrides)."""
-    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+def model_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (the options set by a file or flags) completed with the defaults that depend
+    on the model: REAL_MODEL_DEFAULTS for any but the built-in one, for the keys not set."""
+    model = values.get("model", RunConfig.__dataclass_fields__["model"].default)
+    if model in BUILTIN_NAMES:
+        return dict(values)
+    return {**{k: (list(v) if isinstance(v, list) else v)
+               for k, v in REAL_MODEL_DEFAULTS.items()}, **values}
+
+
+def build(values: dict[str, Any]) -> RunConfig:
+    """The validated RunConfig of the options in `values` (model-dependent defaults for the
+    rest): one path for `run`, `data`, `--config` files and sweep cells."""
     try:
-        cfg = RunConfig(**values)
+        cfg = RunConfig(**model_defaults(values))
     except TypeError as err:
         raise UsageError(f"config: {err}") from None
     if isinstance(cfg.clients_in_parallel, int):
         cfg.clients_in_parallel = str(cfg.clients_in_parallel)
     validate(cfg)
     return cfg
+
+
+def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Defaults, then the config file, then explicitly given flags (non-None overrides)."""
+    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build(values)

@@ -41,7 +41,7 @@ from profit_ds.config import RunConfig, resolve
 from profit_ds.data.format import FormatSpec, format_source
 from profit_ds.data.types import Instance, Task
 from profit_ds.errors import UsageError
-from profit_ds.model.aliases import resolve_model
+from profit_ds.model.backbone import resolve_path
 
 FORMAT_FILE = "profit_ds_format.json"
 
@@ -89,18 +89,23 @@ def source_template(spec: FormatSpec) -> str:
 
 
 def run_format(cfg: RunConfig, prompt_tokens: int, tokenizer,
-               new_tokens: int | None, new_tokens_note: str) -> dict:
+               new_tokens: int | None, new_tokens_note: str, chat: bool = False) -> dict:
     """Everything needed to turn an example into the token ids the run trained and scored
     on, and to generate as the run did: the one place these facts are written down."""
     spec = FormatSpec(num_positive_examples=cfg.positive_examples)  # as data.for_run builds it
     limit = cfg.max_source_tokens
+    lead = "" if chat else "' ' + "
+    source = ("tokenizer(tokenizer.apply_chat_template([{'role': 'user', 'content': source}], "
+              "tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids"
+              if chat else "tokenizer(source, add_special_tokens=False).input_ids")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     peft_kwargs = {"do_sample": False, "use_cache": False, "max_new_tokens": new_tokens,
                    "eos_token_id": eos, "pad_token_id": pad}
     return {
         "model": cfg.model,
-        "base_model_name_or_path": resolve_model(cfg.model).location,
+        "base_model_name_or_path": resolve_path(cfg.model),
         "prompt_tokens": prompt_tokens,
+        "chat_template": chat,
         "text": {
             "style": "tk-instruct",
             "source_template": source_template(spec),
@@ -109,11 +114,14 @@ def run_format(cfg: RunConfig, prompt_tokens: int, tokenizer,
             "notes": "definition, inputs and outputs are stripped before they go in; a task "
                      "with fewer positive examples shows those it has, one with none has no "
                      "'Positive Example' block and no 'Now complete the following example' "
-                     "line; the target is ' ' + output (one leading space)",
+                     "line; " + ("with chat_template, that text is the user's message of the "
+                                 "tokenizer's chat template and the target the assistant's "
+                                 "reply, output as is" if chat else
+                                 "the target is ' ' + output (one leading space)"),
         },
         "tokenization": {
-            "source": "tokenizer(source, add_special_tokens=False).input_ids",
-            "target": ("tokenizer(' ' + output, add_special_tokens=False).input_ids"
+            "source": source,
+            "target": (f"tokenizer({lead}output, add_special_tokens=False).input_ids"
                        " + [eos_token_id]"),
             "add_special_tokens": False,
             "max_source_tokens": limit,
@@ -154,15 +162,28 @@ def run_format(cfg: RunConfig, prompt_tokens: int, tokenizer,
     }
 
 
+def _resolved(cfg: RunConfig, run_dir: Path, tokenizer) -> tuple[bool, int | None, str]:
+    """Whether the run used the chat template, its generation length and where that came
+    from: results.json's `resolved` (runs since it exists); for older runs (no chat template
+    then), config.json's `max_new_tokens`, or the run's rule on its rebuilt evaluation sets."""
+    results = run_dir / "results.json"
+    recorded = json.loads(results.read_text()).get("resolved") if results.is_file() else None
+    if recorded:
+        return (recorded["chat_template"], recorded["max_new_tokens"],
+                "results.json resolved.max_new_tokens")
+    return (False, *_max_new_tokens(cfg, run_dir, tokenizer))
+
+
 def _max_new_tokens(cfg: RunConfig, run_dir: Path, tokenizer) -> tuple[int | None, str]:
-    """The run's generation length and where it came from: config.json's `max_new_tokens`,
-    or (when that is null) the run's rule applied to its rebuilt evaluation sets."""
+    """A run's generation length before results.json recorded it: config.json's
+    `max_new_tokens`, or (when that is null) the run's rule on its rebuilt evaluation sets."""
     if cfg.max_new_tokens:
         return cfg.max_new_tokens, "config.json max_new_tokens"
     rule = ("the run's rule (config.json max_new_tokens is null): the longest tokenized "
             "' ' + reference in the global test and validation sets + 1, at most 128")
+    from profit_ds.data.for_run import load_tasks, run_partition
     from profit_ds.fl.clients import encode_partition
-    from profit_ds.runner import load_tasks, max_new_tokens, run_partition
+    from profit_ds.runner import max_new_tokens
     try:
         partition = run_partition(cfg, load_tasks(cfg))
     except (UsageError, OSError) as err:
@@ -173,7 +194,7 @@ def _max_new_tokens(cfg: RunConfig, run_dir: Path, tokenizer) -> tuple[int | Non
         if partition.manifest_hash != recorded:
             return None, f"{rule}; not computed: the rebuilt partition differs from the run's"
     data = encode_partition(tokenizer, partition, cfg.max_source_tokens, cfg.max_target_tokens)
-    return max_new_tokens(cfg, data, tokenizer), rule
+    return max_new_tokens(cfg, data, tokenizer, chat=False), rule
 
 
 def export_run(run_dir: Path, out: Path, client: str | None = None,
@@ -188,7 +209,8 @@ def export_run(run_dir: Path, out: Path, client: str | None = None,
     cfg = resolve(None, json.loads(config_path.read_text()))
     prompt = read_prompt(run_dir, client, lr)
     _, tokenizer = load_config_and_tokenizer(cfg.model, cfg.trust_remote_code)
-    new_tokens, note = _max_new_tokens(cfg, run_dir, tokenizer)
-    export_peft(prompt, resolve_model(cfg.model).location, out)
-    io.write_json(out / FORMAT_FILE, run_format(cfg, prompt.shape[0], tokenizer, new_tokens, note))
+    chat, new_tokens, note = _resolved(cfg, run_dir, tokenizer)
+    export_peft(prompt, resolve_path(cfg.model), out)
+    io.write_json(out / FORMAT_FILE,
+                  run_format(cfg, prompt.shape[0], tokenizer, new_tokens, note, chat))
     return out

@@ -1,47 +1,46 @@
-"""Per-GPU memory of a run on a frozen ZeRO-3 backbone, before anything is downloaded, and the
-number of clients in parallel (K) and parameter offload that fit.
+"""Per-GPU memory of a run on a frozen ZeRO-3 backbone, before anything is downloaded: the
+budgets (tokens per forward, clients in parallel, generation rows) a run would take on such a
+GPU, and the parameter offload it needs.
 
 The model's shape comes from its config alone (alias table, local config.json, or the hub's
 config.json): the architecture is instantiated on the meta device, which allocates nothing but
 gives the exact parameter count and sizes. Terms, in bytes per GPU, for a bf16 backbone of N
 parameters on G = gpus x nodes GPUs (docs/GPU.md explains each):
 
-  weights      2N/G: this GPU's ZeRO-3 shard; 0 with parameter offload (shard in pinned CPU RAM).
+  weights      2N/G: this GPU's ZeRO-3 shard (the whole model at one GPU without offload);
+               0 with parameter offload (shard in pinned CPU RAM).
   gathered     2 x max(largest module, min(stage3_max_live_parameters, decoder layer +
                stage3_prefetch_bucket_size)): ZeRO-3 all-gathers a layer just before it runs,
                prefetches the next ones and frees them after use; plus parameters of at most
                stage3_param_persistence_threshold elements, which stay whole on every GPU.
-  activations  per token, L x (8D + 3I) bf16 elements saved for backward (measured on a small
-               Llama with frozen weights and SDPA attention: tests/test_ops.py checks it), plus
-               14 bytes per vocabulary entry per label token for logits and loss.
+  activations  the larger of one training forward and one generation batch, sized as the run
+               sizes them (profit_ds.memory, the same code): the memory a run finds free on
+               this GPU after loading (90% of it, less 1 GB) minus the gathered window is its
+               budget; a forward takes rows up to that budget or the GPU's throughput cap.
   prompts      K x P x D fp32 x 4: the prompt bank, its gradient and Adam's two moments.
-  runtime      a fixed 2 GB for the CUDA context, cuBLAS workspaces and NCCL buffers (assumed).
+  runtime      the CUDA context (1 GB, assumed) and the 1 GB the run keeps in reserve.
 
-A step's K x B rows are split across all G GPUs (profit_ds.fl.gradients), so each GPU holds the
-activations of ceil(K x B / G) rows. Only 90% of GPU memory is planned for: the caching
-allocator fragments. DeepSpeed's own estimator is reported alongside as a cross-check of the
-weights + gathered terms (it assumes an optimizer; only its parameter part applies here).
+DeepSpeed's own estimator is reported alongside as a cross-check of the weights + gathered
+terms (it assumes an optimizer; only its parameter part applies here).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
-from profit_ds.config import RunConfig
+from profit_ds.config import build
 from profit_ds.errors import UsageError
+from profit_ds.memory import (CUDA_RESERVE, GB, Budgets, Dims, WorkShape, budgets, token_costs,
+                              usable_gpu_memory)
 from profit_ds.model.aliases import gated_hint, resolve_model
 from profit_ds.model.ds_config import (deepspeed_zero, load_ds_config, offloads_params,
                                        uses_zero3, without_zero_init)
 
-GB = 10**9
 BF16 = 2
-USABLE_FRACTION = 0.9
-RUNTIME_BYTES = 2 * GB
-SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE = 8, 3
-LOGIT_BYTES = 2 + 4 + 4 + 4  # bf16 logits, their fp32 copy, saved log-softmax, one fp32 grad
+CUDA_CONTEXT = 1 * GB  # the CUDA context and library handles, before the weights (assumed)
 PROMPT_TENSORS = 4
 DEFAULT_CONFIGS = ("zero3_gpu_bf16", "zero3_gpu_bf16_offload")
-MAX_K = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,7 @@ class ModelShape:
     largest_module_params: int
     decoder_layer_params: int
     param_numels: tuple[int, ...]
+    dims: Dims
 
 
 @dataclass(frozen=True)
@@ -106,22 +106,21 @@ class Plan:
     ds_config: str
     offload: bool
     clients_in_parallel: int
-    max_clients_in_parallel: int
     fits: bool
     memory: Memory
+    budgets: Budgets
     deepspeed_estimate: int
     cpu_offload_bytes_per_node: int
 
     def to_dict(self) -> dict:
         """JSON-ready: sizes in GB (10^9 bytes), as the table prints them."""
-        shape = {k: v for k, v in asdict(self.shape).items() if k != "param_numels"}
+        shape = {k: v for k, v in asdict(self.shape).items() if k not in ("param_numels", "dims")}
         per_gpu = {k: v / GB for k, v in asdict(self.memory).items()}
         return {"model": shape, "bf16_total_gb": BF16 * self.shape.params / GB,
                 "workload": asdict(self.workload), "gpu_mem_gb": self.gpu_mem_bytes / GB,
-                "usable_gb": USABLE_FRACTION * self.gpu_mem_bytes / GB,
                 "ds_config": self.ds_config, "offload_params": self.offload,
-                "clients_in_parallel": self.clients_in_parallel,
-                "max_clients_in_parallel": self.max_clients_in_parallel, "fits": self.fits,
+                "clients_in_parallel": self.clients_in_parallel, "fits": self.fits,
+                "budgets": self.budgets.to_dict(),
                 "per_gpu_gb": {**per_gpu, "total": self.memory.total / GB},
                 "deepspeed_estimate_gb": self.deepspeed_estimate / GB,
                 "cpu_offload_gb_per_node": self.cpu_offload_bytes_per_node / GB}
@@ -136,6 +135,9 @@ def model_config(name: str):
     if ref.alias is not None:
         return AutoConfig.for_model(**ref.alias.config)
     try:
+        if ref.kind == "gguf":  # the file's metadata: no dequantization
+            where = Path(ref.location)
+            return AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
         return AutoConfig.from_pretrained(ref.location)
     except (OSError, ValueError) as err:
         hint = gated_hint(ref.location, err) or "give an alias (profit-ds models) or a local path"
@@ -162,7 +164,7 @@ def shape_of(config, name: str) -> ModelShape:
         largest_module_params=max(sum(p.numel() for p in m.parameters(recurse=False))
                                   for m in model.modules()),
         decoder_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-        param_numels=numels)
+        param_numels=numels, dims=Dims.of(config))
 
 
 def _decoder_layers(model, num_layers: int, name: str):
@@ -180,10 +182,16 @@ def model_shape(name: str) -> ModelShape:
     return shape_of(model_config(name), name)
 
 
+def window_bytes(shape: ModelShape, zero, param_bytes: int = BF16) -> int:
+    """ZeRO-3's gathered working set: what it all-gathers at once during a forward (a layer,
+    the prefetched ones, or the largest single module), freed after use."""
+    window = min(zero.max_live_parameters, shape.decoder_layer_params + zero.prefetch_bucket_size)
+    return param_bytes * max(shape.largest_module_params, window)
+
+
 def gathered_bytes(shape: ModelShape, zero) -> int:
     """Parameters whole on the GPU at once: the gathered working set plus persistent ones."""
-    window = min(zero.max_live_parameters, shape.decoder_layer_params + zero.prefetch_bucket_size)
-    return BF16 * (max(shape.largest_module_params, window) + persistent_params(shape, zero))
+    return window_bytes(shape, zero) + BF16 * persistent_params(shape, zero)
 
 
 def persistent_params(shape: ModelShape, zero) -> int:
@@ -198,38 +206,48 @@ def persistent_params(shape: ModelShape, zero) -> int:
 
 
 def activation_bytes(shape: ModelShape, rows: int, tokens: int, label_tokens: int) -> int:
-    """Saved-for-backward bytes of `rows` rows of `tokens` tokens, `label_tokens` with a loss."""
-    per_token = shape.num_layers * BF16 * (SAVED_PER_HIDDEN * shape.hidden_size
-                                           + SAVED_PER_INTERMEDIATE * shape.intermediate_size)
-    return rows * (tokens * per_token + label_tokens * shape.vocab_size * LOGIT_BYTES)
+    """Saved-for-backward bytes of `rows` rows of `tokens` tokens, `label_tokens` labels each
+    (bf16, SDPA attention): `memory.token_costs`, the rule a run sizes its forwards by."""
+    costs = token_costs(shape.dims, "bf16")
+    return costs.train(rows, tokens, tokens, rows * label_tokens)
 
 
-def memory(shape: ModelShape, work: Workload, zero, offload: bool, clients: int) -> Memory:
-    """Bytes per GPU with `clients` clients in parallel."""
-    rows = math.ceil(clients * work.micro_batch / work.world)
-    label_tokens = min(work.target_tokens, work.seq_len)
-    return Memory(
-        weights=0 if offload else math.ceil(BF16 * shape.params / work.world),
-        # a whole model (no ZeRO-3) gathers nothing
-        gathered=gathered_bytes(shape, zero) if uses_zero3(work.world, offload) else 0,
-        activations=activation_bytes(shape, rows, work.seq_len + work.prompt_tokens, label_tokens),
-        prompts=clients * work.prompt_tokens * shape.hidden_size * 4 * PROMPT_TENSORS,
-        runtime=RUNTIME_BYTES)
+def work_shape_of(work: Workload) -> WorkShape:
+    """The run's view of a planned workload: every row as long as the token limits allow."""
+    return WorkShape(batch_size=work.micro_batch, mean_row=work.seq_len,
+                     longest_row=work.seq_len,
+                     label_share=min(work.target_tokens, work.seq_len) / work.seq_len,
+                     prompt_tokens=work.prompt_tokens,
+                     longest_context=work.prompt_tokens + max(1, work.seq_len - work.target_tokens),
+                     new_tokens=work.target_tokens + 1, world=work.world)
 
 
-def max_clients(shape: ModelShape, work: Workload, zero, offload: bool, usable: float) -> int:
-    """The largest K whose memory fits in `usable` bytes (0 if not even one client fits).
+def run_budgets(shape: ModelShape, work: Workload, gpu_mem: int, weights: int,
+                window: int) -> Budgets:
+    """The budgets a run takes on a GPU of `gpu_mem` bytes holding `weights` bytes of its
+    weights and gathering `window` bytes at a time: what `free_memory` would find there."""
+    free = max(0, gpu_mem - CUDA_CONTEXT - weights)
+    memory = max(0, usable_gpu_memory(free) - window)
+    return budgets(shape.dims, "bf16", False, memory, "cuda", work_shape_of(work),
+                   memory_source=f"planned for {gpu_mem / GB:g} GB")
 
-    Memory grows with K in steps (rows per GPU are rounded up), so this bisects.
-    """
-    low, high = 0, MAX_K
-    while low < high:
-        mid = (low + high + 1) // 2
-        if memory(shape, work, zero, offload, mid).total <= usable:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+
+def memory(shape: ModelShape, work: Workload, zero, offload: bool, clients: int,
+           gpu_mem: int) -> tuple[Memory, Budgets]:
+    """Bytes per GPU with `clients` clients in parallel, and the run's budgets there."""
+    weights = 0 if offload else math.ceil(BF16 * shape.params / work.world)
+    zero3 = uses_zero3(work.world, offload)  # a whole model (no ZeRO-3) gathers nothing
+    window = window_bytes(shape, zero) if zero3 else 0
+    gathered = window + (BF16 * persistent_params(shape, zero) if zero3 else 0)
+    plan_budgets = run_budgets(shape, work, gpu_mem, weights + gathered - window, window)
+    costs, w = plan_budgets.forward.costs, work_shape_of(work)
+    rows = max(1, plan_budgets.tokens_per_forward // w.longest_row)
+    train = costs.train(rows, w.longest_row, w.prompt_tokens + w.longest_row,
+                        int(rows * w.longest_row * w.label_share))
+    generation = costs.generate(plan_budgets.generation_rows, w.longest_context, w.new_tokens)
+    return Memory(weights=weights, gathered=gathered, activations=max(train, generation),
+                  prompts=clients * work.prompt_tokens * shape.hidden_size * 4 * PROMPT_TENSORS,
+                  runtime=CUDA_CONTEXT + CUDA_RESERVE), plan_budgets
 
 
 def deepspeed_estimate(shape: ModelShape, work: Workload, offload: bool) -> int:
@@ -247,11 +265,11 @@ def deepspeed_estimate(shape: ModelShape, work: Workload, offload: bool) -> int:
 def default_workload(name: str, gpus: int, nodes: int = 1, prompt_tokens: int | None = None,
                      seq_len: int | None = None, micro_batch: int | None = None) -> Workload:
     """Unset numbers default to what `profit-ds run` would use for this model."""
-    run = RunConfig(model=name)
+    run = build({"model": name})
     if gpus < 1 or nodes < 1:
         raise UsageError("--gpus and --nodes must be >= 1")
     work = Workload(gpus=gpus, nodes=nodes,
-                    prompt_tokens=prompt_tokens or run.resolved_prompt_tokens(),
+                    prompt_tokens=prompt_tokens or run.prompt_tokens,
                     seq_len=seq_len or run.max_source_tokens + run.max_target_tokens,
                     micro_batch=micro_batch or run.batch_size,
                     target_tokens=run.max_target_tokens)
@@ -262,38 +280,44 @@ def default_workload(name: str, gpus: int, nodes: int = 1, prompt_tokens: int | 
 
 @dataclass(frozen=True)
 class _Option:
-    """One candidate config and the most clients it fits."""
+    """One candidate config: its memory and budgets."""
 
     name: str
-    zero: object
     offload: bool
-    most: int
+    memory: Memory
+    budgets: Budgets
+    fits: bool
 
 
-def _option(name: str, shape: ModelShape, work: Workload, usable: float) -> _Option:
+def _option(name: str, shape: ModelShape, work: Workload, gpu_mem: int,
+            clients: int | None) -> _Option:
     config = load_ds_config(name, dtype="bf16", micro_batch=work.micro_batch)
     zero = deepspeed_zero().config.DeepSpeedZeroConfig(**config["zero_optimization"])
     offload = offloads_params(config)
-    return _Option(name, zero, offload, max_clients(shape, work, zero, offload, usable))
+    mem, plan_budgets = memory(shape, work, zero, offload, 1, gpu_mem)
+    k = clients or plan_budgets.clients_in_parallel
+    mem, _ = memory(shape, work, zero, offload, k, gpu_mem)
+    # it fits when one longest row does (with activation checkpointing if need be) and the
+    # whole plan stays within the GPU
+    w = work_shape_of(work)
+    one_row = plan_budgets.forward.costs.train(1, w.longest_row, w.prompt_tokens + w.longest_row,
+                                               int(w.longest_row * w.label_share))
+    fits = one_row <= plan_budgets.memory and mem.total <= gpu_mem
+    return _Option(name, offload, mem, replace(plan_budgets, clients_in_parallel=k), fits)
 
 
 def plan(shape: ModelShape, work: Workload, gpu_mem_gb: float = 80.0,
          clients_in_parallel: int | None = None, ds_config: str | None = None) -> Plan:
-    """Choose the config: the user's, else the first of plain and parameter offload where the
-    asked K fits, else where one client fits (offload costs PCIe traffic on every layer, so
-    it is chosen only when it is what makes the run fit). K defaults to the most that fit."""
+    """Choose the config: the user's, else the first of plain and parameter offload that fits
+    (offload costs PCIe traffic on every layer, so it is chosen only when it is what makes
+    the run fit). K defaults to the run's K=auto: the clients whose rows fill one forward."""
     gpu_mem = int(gpu_mem_gb * GB)
-    usable = USABLE_FRACTION * gpu_mem
-    options = [_option(name, shape, work, usable)
+    options = [_option(name, shape, work, gpu_mem, clients_in_parallel)
                for name in ((ds_config,) if ds_config else DEFAULT_CONFIGS)]
-    want = clients_in_parallel or 1
-    best = next((o for o in options if o.most >= want), None) or next(
-        (o for o in options if o.most >= 1), options[-1])
-    clients = clients_in_parallel or max(best.most, 1)
+    best = next((o for o in options if o.fits), options[-1])
     return Plan(shape=shape, workload=work, gpu_mem_bytes=gpu_mem, ds_config=best.name,
-                offload=best.offload, clients_in_parallel=clients,
-                max_clients_in_parallel=best.most, fits=best.most >= clients,
-                memory=memory(shape, work, best.zero, best.offload, clients),
+                offload=best.offload, clients_in_parallel=best.budgets.clients_in_parallel,
+                fits=best.fits, memory=best.memory, budgets=best.budgets,
                 deepspeed_estimate=deepspeed_estimate(shape, work, best.offload),
                 cpu_offload_bytes_per_node=(BF16 * shape.params // work.nodes
                                             if best.offload else 0))

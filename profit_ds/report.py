@@ -186,7 +186,8 @@ def federated_table(results: dict) -> Table:
     table = Table(title="Federated prompt: ROUGE-L (exact match)")
     for col in ("prompt", "local ROUGE-L", "global ROUGE-L", "local EM", "global EM"):
         table.add_column(col, justify="right" if col != "prompt" else "left")
-    for label, key in (("initial", "initial"), ("federated", "global")):
+    rows = [("backbone (no prompt)", "backbone")] if results.get("backbone") else []
+    for label, key in rows + [("initial", "initial"), ("federated", "global")]:
         s = results[key]
         table.add_row(label, f"{s['local_rouge_l']:.2f}", f"{s['global_rouge_l']:.2f}",
                       f"{s['local_exact_match']:.2f}", f"{s['global_exact_match']:.2f}")

@@ -1,66 +1,117 @@
 """`profit-ds run` end to end: data -> backbone -> federated training -> personalization -> files.
 
-Reads like the paper: score the initial prompt; train it federatedly for `rounds`; score the
-federated prompt; personalize it on every test client and score each step of that; write
-everything. Every rank executes this function (SPMD); rank 0 alone prints and writes.
+Reads like the paper: score the bare backbone (the reference row) and the initial prompt; train
+the prompt federatedly for `rounds`; score the federated prompt; personalize it on every test
+client and score each step of that; write everything, every prediction included. Every rank
+executes this function (SPMD); rank 0 alone prints and writes.
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import os
-import platform
 import shutil
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-import profit_ds
 from profit_ds import checkpoint, distributed, io
 from profit_ds.config import RunConfig
 from profit_ds.data.for_run import load_tasks, run_partition
+from profit_ds.data.types import Partition
+from profit_ds.environment import environment
 from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
+from profit_ds.evaluation.predictions import DIRECTORY as PREDICTIONS
+from profit_ds.evaluation.predictions import PredictionFiles, set_lines
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
 from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize, summarize
 from profit_ds.fl.rounds import RoundSpec, federated_round
 from profit_ds.fl.server import ServerOptimizer, ServerState
 from profit_ds.model.aliases import resolve_model
+from profit_ds.memory import Budgets, Dims, free_memory, work_shape
+from profit_ds.memory import budgets as memory_budgets
 from profit_ds.model.backbone import DTYPES, Backbone, init_prompt, load_backbone
 from profit_ds.report import Reporter
 
 CHECKPOINTS = "checkpoints"
 RUN_LOG = "run.log"  # progress lines, warnings and the final tables, timestamped
-# K=auto: rows x tokens of one step per rank (its forwards are cut smaller: fl/gradients.py)
-TOKENS_PER_STEP = {"cpu": 8192, "cuda": 65536}
 
 
-def clients_in_parallel(cfg: RunConfig, data: FederatedData, prompt_tokens: int) -> int:
-    """K: `--clients-in-parallel`, or `auto` = as many clients per step as fit a token budget
-    per rank (a full step of one client is `batch_size` rows of about the mean length)."""
-    if cfg.clients_in_parallel != "auto":
-        return int(cfg.clients_in_parallel)
-    train = [e for c in data.train_clients for e in c.train]
-    mean_len = prompt_tokens + sum(len(e.source) + len(e.target) for e in train) / max(1, len(train))
-    budget = TOKENS_PER_STEP["cuda" if torch.cuda.is_available() else "cpu"] * distributed.world()
-    return max(1, int(budget // (cfg.batch_size * mean_len)))
-
-
-def max_new_tokens(cfg: RunConfig, data: FederatedData, tokenizer) -> int:
+def max_new_tokens(cfg: RunConfig, data: FederatedData, tokenizer, chat: bool) -> int:
     """Enough new tokens for the longest reference in any evaluated set (+1 for EOS), <= 128."""
     if cfg.max_new_tokens:
         return cfg.max_new_tokens
     refs = [r for s in (data.global_test, data.global_validation) for rs in s.references
             for r in rs]
-    longest = max((len(ids) for ids in tokenizer([" " + r for r in refs],
+    lead = "" if chat else " "
+    longest = max((len(ids) for ids in tokenizer([lead + r for r in refs],
                                                  add_special_tokens=False)["input_ids"]),
                   default=16)
     return min(128, longest + 1)
+
+
+@dataclass
+class Setup:
+    """What a run's config comes to once its backbone is loaded: the encoded data, the
+    settings resolved from the model (chat template, generation length) and the budgets
+    resolved from the memory free (profit_ds.memory). `personalize` rebuilds it the same way."""
+
+    backbone: Backbone
+    data: FederatedData
+    chat: bool
+    new_tokens: int
+    budgets: Budgets
+
+    @property
+    def clients_in_parallel(self) -> int:
+        return self.budgets.clients_in_parallel
+
+    def resolved(self) -> dict:
+        """For results.json: what the config left to the model and the machine."""
+        return {"chat_template": self.chat, "max_new_tokens": self.new_tokens,
+                "budgets": self.budgets.to_dict()}
+
+
+def set_up(cfg: RunConfig, partition: Partition, backbone: Backbone | None = None) -> Setup:
+    """Load (or check) the backbone, encode the partition, size the budgets."""
+    if backbone is None:
+        backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code,
+                                 check=lambda config, tok: check_fits(cfg, config, tok))
+    elif (backbone.name, backbone.dtype) != (cfg.model, DTYPES[cfg.dtype]):
+        raise ValueError(f"backbone {backbone.name} ({backbone.dtype}) given for a run of "
+                         f"--model {cfg.model} --dtype {cfg.dtype}")
+    else:
+        check_fits(cfg, backbone.model.config, backbone.tokenizer)
+    tokenizer = backbone.tokenizer
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    chat = has_template if cfg.chat_template is None else cfg.chat_template
+    if chat and not has_template:
+        raise UsageError(f"--chat-template: the tokenizer of --model {cfg.model} has no chat "
+                         "template")
+    data = encode_partition(tokenizer, partition, cfg.max_source_tokens, cfg.max_target_tokens,
+                            chat=chat)
+    new_tokens = max_new_tokens(cfg, data, tokenizer, chat)
+    clients = data.train_clients + data.validation_clients + data.test_clients
+    sets = [c.test for c in clients] + [data.global_test, data.global_validation]
+    work = work_shape([(len(e.source), len(e.target)) for c in clients for e in c.train],
+                      [len(e.source) for s in sets for e in s.encoded], cfg.batch_size,
+                      cfg.prompt_tokens, new_tokens, distributed.world())
+    device = distributed.device().type
+    memory, source = free_memory(device, cfg.memory_budget)
+    if backbone.engine is not None and cfg.memory_budget is None:
+        memory -= _gathered_window(cfg, backbone)
+        source += ", less ZeRO-3's gathered layers"
+    budgets = memory_budgets(Dims.of(backbone.model.config), cfg.dtype, backbone.eager_attention,
+                             memory, device, work, cfg.activation_checkpointing, source,
+                             cfg.eval_batch_size)
+    if cfg.clients_in_parallel != "auto":
+        budgets = replace(budgets, clients_in_parallel=int(cfg.clients_in_parallel))
+    backbone.limit = budgets.forward
+    backbone.checkpointing = budgets.checkpointing
+    return Setup(backbone, data, chat, new_tokens, budgets)
 
 
 def shared_prompt_scores(scores: Sequence[dict], clients: Sequence[ClientData]) -> dict:
@@ -90,7 +141,7 @@ def check_fits(cfg: RunConfig, model_config, tokenizer) -> None:
         raise UsageError(f"--model {cfg.model}: the tokenizer has {len(tokenizer)} "
                          f"tokens but the model's embedding has {rows} rows (mismatched "
                          "tokenizer and weights?)")
-    prompt_tokens = cfg.resolved_prompt_tokens()
+    prompt_tokens = cfg.prompt_tokens
     context = getattr(model_config, "max_position_embeddings", None)
     longest = prompt_tokens + (cfg.max_source_tokens or 0) + (cfg.max_target_tokens or 0)
     if context and longest > context:
@@ -114,57 +165,16 @@ def prepare_output(cfg: RunConfig) -> Path:
     return out
 
 
-def environment() -> dict:
-    """What produced the results: package versions (profit-ds itself included), the git
-    commit of the profit-ds source and whether its package directory has uncommitted changes
-    (None for both when it is not a git checkout), Python, and the devices: each visible
-    GPU's name, else the CPU's model name, and the core count. Nothing here may fail a run."""
-    def version(package: str) -> str | None:
-        try:
-            return md.version(package)
-        except md.PackageNotFoundError:
-            return None
+def _gathered_window(cfg: RunConfig, backbone: Backbone) -> int:
+    """Bytes ZeRO-3 gathers at once during a forward (not yet allocated when the free memory
+    is read): as `profit-ds plan` counts them."""
+    from profit_ds.model.ds_config import deepspeed_zero, load_ds_config
+    from profit_ds.plan import shape_of, window_bytes
 
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True,
-                                  timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    def cpu_model() -> str:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine()
-
-    package = Path(profit_ds.__file__).resolve().parent
-    source = package.parent
-    commit = dirty = None
-    # only when the package's parent is the checkout itself: an installed copy in a venv that
-    # lies inside some other repository must not report that repository's commit
-    top = git("rev-parse", "--show-toplevel")
-    if top and Path(top).resolve() == source:
-        commit = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain", "--", package.name) if commit else None
-        dirty = None if status is None else bool(status)
-    versions = {"profit-ds": profit_ds.__version__,
-                **{p: version(p) for p in ("torch", "deepspeed", "transformers", "peft",
-                                           "accelerate", "rouge-score")},
-                "cuda": torch.version.cuda}
-    cuda = torch.cuda.is_available()
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-               if cuda else [cpu_model()])
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"versions": versions, "commit": commit, "dirty": dirty,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "world_size": distributed.world(), "device": "cuda" if cuda else "cpu",
-            "devices": devices, "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable}
+    zero = load_ds_config(cfg.ds_config, dtype=cfg.dtype, micro_batch=1)["zero_optimization"]
+    return window_bytes(shape_of(backbone.model.config, cfg.model),
+                        deepspeed_zero().config.DeepSpeedZeroConfig(**zero),
+                        backbone.model.get_input_embeddings().weight.element_size())
 
 
 @dataclass
@@ -175,6 +185,7 @@ class Progress:
     server: ServerState = field(default_factory=ServerState)
     round: int = 0
     rounds: list[dict] = field(default_factory=list)
+    backbone: dict | None = None  # the bare backbone's scores (no prompt): the reference row
     initial: dict | None = None
     federated: dict | None = None
     records: list[dict] = field(default_factory=list)
@@ -186,8 +197,8 @@ class Progress:
         for name, by_lr in self.client_prompts.items():
             tensors.update({f"client/{name}/{lr!r}": p for lr, p in by_lr.items()})
         state = {"server_step": self.server.step, "rounds": self.rounds,
-                 "initial": self.initial, "federated": self.federated,
-                 "records": self.records}
+                 "backbone": self.backbone, "initial": self.initial,
+                 "federated": self.federated, "records": self.records}
         return checkpoint.Checkpoint(self.round, tensors, state)
 
     @classmethod
@@ -199,8 +210,8 @@ class Progress:
                 _, name, lr = key.split("/", 2)
                 prompts.setdefault(name, {})[float(lr)] = value
         server = ServerState(st["server_step"], t.get("server/m"), t.get("server/v"))
-        return cls(t["prompt"], server, ckpt.round, st["rounds"], st["initial"],
-                   st["federated"], st["records"], prompts)
+        return cls(t["prompt"], server, ckpt.round, st["rounds"], st.get("backbone"),
+                   st["initial"], st["federated"], st["records"], prompts)
 
 
 def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
@@ -217,9 +228,10 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     t0 = time.perf_counter()
     out = prepare_output(cfg)
     resolve_model(cfg.model)  # a bad --model fails now, not after the data is loaded
-    if distributed.is_main() and not cfg.resume:  # a fresh run (or --overwrite): a fresh log
+    main = distributed.is_main()
+    if main and not cfg.resume:  # a fresh run (or --overwrite): a fresh log
         (out / RUN_LOG).unlink(missing_ok=True)
-    reporter = Reporter(enabled=distributed.is_main(), log=out / RUN_LOG)
+    reporter = Reporter(enabled=main, log=out / RUN_LOG)
     partition = run_partition(cfg, load_tasks(cfg))
     cfg_hash = checkpoint.config_hash(cfg.to_dict())
     ckpt_dir = out / CHECKPOINTS
@@ -227,37 +239,36 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     if cfg.resume:
         restored = checkpoint.load_latest(ckpt_dir, cfg_hash, partition.manifest_hash,
                                           warn=reporter.warn)
-    if backbone is None:
-        backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code,
-                                 check=lambda config, tok: check_fits(cfg, config, tok))
-    elif (backbone.name, backbone.dtype) != (cfg.model, DTYPES[cfg.dtype]):
-        raise ValueError(f"backbone {backbone.name} ({backbone.dtype}) given for a run of "
-                         f"--model {cfg.model} --dtype {cfg.dtype}")
-    else:
-        check_fits(cfg, backbone.model.config, backbone.tokenizer)
-    P = cfg.resolved_prompt_tokens()
-    data = encode_partition(backbone.tokenizer, partition, cfg.max_source_tokens,
-                            cfg.max_target_tokens)
-    k_parallel = clients_in_parallel(cfg, data, P)
-    new_tokens = max_new_tokens(cfg, data, backbone.tokenizer)
+    setup = set_up(cfg, partition, backbone)
+    backbone, data, new_tokens = setup.backbone, setup.data, setup.new_tokens
+    k_parallel = setup.clients_in_parallel
     reporter.data_summary(partition, backbone, k_parallel)
-    if distributed.is_main():
+    reporter.info(_budget_line(setup))
+    if main:
         if cfg.overwrite and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
+        if cfg.overwrite and (out / PREDICTIONS).exists():
+            shutil.rmtree(out / PREDICTIONS)
         io.write_json(out / "config.json", cfg.to_dict())
         io.write_json(out / "manifest.json", partition.manifest)
+    predictions = PredictionFiles(out, enabled=main)
     timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
+    rows = setup.budgets.generation_rows
 
     def score(bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]], label: str) -> list[dict]:
         with reporter.task(label, sum(len(s) for _, s in requests)) as advance:
-            return evaluate(backbone, bank, requests, new_tokens, cfg.eval_batch_size, advance)
+            return evaluate(backbone, bank, requests, new_tokens, rows, advance)
 
-    def score_shared(prompt: torch.Tensor, label: str) -> dict:
-        scores = score(prompt.unsqueeze(0), [(0, c.test) for c in data.test_clients], label)
-        return shared_prompt_scores(scores, data.test_clients)
+    def score_shared(prompt: torch.Tensor, phase: str, label: str) -> dict:
+        """One prompt for every test client (none: the bare backbone); its predictions file."""
+        clients = data.test_clients
+        scores = score(prompt.unsqueeze(0), [(0, c.test) for c in clients], label)
+        predictions.write(phase, [line for c, s in zip(clients, scores) for line in set_lines(
+            {"prompt": phase, "client": c.name}, c.test.references, c.test.ids, s)])
+        return shared_prompt_scores(scores, clients)
 
     def save(progress: Progress) -> None:
-        if distributed.is_main():
+        if main:
             checkpoint.save(ckpt_dir, progress.to_checkpoint(), cfg_hash,
                             partition.manifest_hash)
 
@@ -266,10 +277,17 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
         reporter.warn(f"resuming after round {progress.round} "
                       f"({len(progress.records)} personalization records done)")
     else:
-        progress = Progress(init_prompt(backbone, P, cfg.prompt_init, cfg.seed))
+        progress = Progress(init_prompt(backbone, cfg.prompt_tokens, cfg.prompt_init, cfg.seed,
+                                        cfg.prompt_init_text))
+    if progress.backbone is None:
+        t = time.perf_counter()
+        no_prompt = progress.prompt.new_zeros(0, progress.prompt.shape[1])
+        progress.backbone = score_shared(no_prompt, "backbone", "scoring the bare backbone")
+        timing["backbone_eval_s"] = time.perf_counter() - t
+        save(progress)
     if progress.initial is None:
         t = time.perf_counter()
-        progress.initial = score_shared(progress.prompt, "scoring the initial prompt")
+        progress.initial = score_shared(progress.prompt, "initial", "scoring the initial prompt")
         timing["initial_eval_s"] = time.perf_counter() - t
         save(progress)
 
@@ -279,8 +297,9 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
                      server_opt=ServerOptimizer(cfg.server_opt, cfg.server_lr),
                      clients_per_round=cfg.clients_per_round, seed=cfg.seed)
     metrics_path = out / "metrics.jsonl"
-    if distributed.is_main():  # rewrite what the checkpoint vouches for; drop anything later
+    if main:  # rewrite what the checkpoint vouches for; drop anything later
         io.write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in progress.rounds))
+        predictions.keep("validation", lambda line: line["round"] <= progress.round)
     t = time.perf_counter()
     with reporter.task("federated training", cfg.rounds) as advance:
         advance(progress.round)
@@ -291,14 +310,17 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
                                                        spec, r, k_parallel)
             if cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds) \
                     and len(data.global_validation):
-                val = score(progress.prompt.unsqueeze(0), [(0, data.global_validation)],
+                val_set = data.global_validation
+                val = score(progress.prompt.unsqueeze(0), [(0, val_set)],
                             "scoring on the global validation set")[0]
                 metrics["val_rouge_l"] = val["rouge_l"]
+                predictions.append("validation", set_lines(
+                    {"prompt": "federated", "round": r}, val_set.references, val_set.ids, val))
             metrics["seconds"] = time.perf_counter() - tr
             progress.rounds.append(metrics)
             progress.round = r
             save(progress)
-            if distributed.is_main():
+            if main:
                 with metrics_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
             advance(1, f"round {r}/{cfg.rounds} loss {metrics['train_loss']:.3f}")
@@ -306,7 +328,8 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
 
     if progress.federated is None:
         t = time.perf_counter()
-        progress.federated = score_shared(progress.prompt, "scoring the federated prompt")
+        progress.federated = score_shared(progress.prompt, "federated",
+                                          "scoring the federated prompt")
         timing["global_eval_s"] = time.perf_counter() - t
         save(progress)
 
@@ -317,11 +340,18 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     per_pair = {c.name: (len(c.test) + len(data.global_test)) * cfg.personalize_epochs
                 for c in data.test_clients}
     total = sum(per_pair.values()) * len(cfg.personalize_lrs)
+    done_pairs = {(n, lr) for n, by_lr in progress.client_prompts.items() for lr in by_lr}
+    predictions.keep("personalized", lambda line: (line["client"], line["lr"]) in done_pairs)
     with reporter.task("personalization", total) as advance:
-        advance(sum(per_pair[n] for n, by_lr in progress.client_prompts.items() for _ in by_lr))
+        advance(sum(per_pair[n] for n, _ in done_pairs))
 
-        def evaluate_bank(bank, requests):
-            return evaluate(backbone, bank, requests, new_tokens, cfg.eval_batch_size, advance)
+        def evaluate_bank(bank, requests, tags):
+            scores = evaluate(backbone, bank, requests, new_tokens, rows, advance)
+            predictions.append("personalized", [
+                line for (_, s), tag, result in zip(requests, tags, scores)
+                for line in set_lines({"prompt": "personalized", **tag}, s.references, s.ids,
+                                      result)])
+            return scores
 
         def group_done(records, prompts):
             progress.records, progress.client_prompts = records, prompts
@@ -334,21 +364,31 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     timing["personalize_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
 
-    results = {"config": cfg.to_dict(),
+    results = {"config": cfg.to_dict(), "resolved": setup.resolved(),
                "data": {"manifest_hash": partition.manifest_hash,
                         "train_clients": len(data.train_clients),
                         "validation_clients": len(data.validation_clients),
                         "test_clients": len(data.test_clients),
                         "global_test_examples": len(data.global_test),
                         "truncation": data.truncation},
-               "rounds": progress.rounds, "initial": progress.initial,
-               "global": progress.federated, "personalized": summarize(records),
+               "rounds": progress.rounds, "backbone": progress.backbone,
+               "initial": progress.initial, "global": progress.federated,
+               "personalized": summarize(records),
                "personalized_clients": sorted(records, key=_record_order(cfg)),
                "timing": timing, "environment": environment()}
-    if distributed.is_main():
+    if main:
         _write_outputs(out, cfg, progress.prompt, client_prompts, results)
         reporter.results(results, out)
     return results
+
+
+def _budget_line(setup: Setup) -> str:
+    """The budgets as one line of the log: what the run will hold, and why."""
+    b = setup.budgets
+    return (f"budgets per rank: {b.memory / 1e9:.2f} GB ({b.memory_source}); forward "
+            f"<= {b.tokens_per_forward} tokens, generation {b.generation_rows} rows, "
+            f"activation checkpointing {'on' if b.checkpointing else 'off'}; chat template "
+            f"{'on' if setup.chat else 'off'}; {setup.new_tokens} new tokens")
 
 
 def _record_order(cfg: RunConfig):

@@ -28,7 +28,8 @@ from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize
 from profit_ds.model.backbone import Backbone, load_backbone
 from profit_ds.report import Reporter
-from profit_ds.runner import clients_in_parallel, max_new_tokens, shared_prompt_scores
+from profit_ds.memory import Budgets
+from profit_ds.runner import set_up, shared_prompt_scores
 from profit_ds.selection import StudyGrid, mean_points, select
 
 
@@ -40,7 +41,7 @@ class FinishedRun:
     backbone: Backbone
     data: FederatedData
     prompt: torch.Tensor
-    k_parallel: int
+    budgets: Budgets
     new_tokens: int
 
 
@@ -56,13 +57,9 @@ def load_run(run_dir: Path) -> FinishedRun:
     if partition.manifest_hash != recorded:
         raise UsageError(f"{run_dir}: the rebuilt partition differs from the run's "
                          "(data changed since the run?)")
-    backbone = load_backbone(cfg.model, cfg.dtype, cfg.ds_config, cfg.trust_remote_code)
-    data = encode_partition(backbone.tokenizer, partition, cfg.max_source_tokens,
-                            cfg.max_target_tokens)
-    prompt = read_prompt(run_dir, None, None)
-    return FinishedRun(cfg, backbone, data, prompt,
-                       clients_in_parallel(cfg, data, prompt.shape[0]),
-                       max_new_tokens(cfg, data, backbone.tokenizer))
+    setup = set_up(cfg, partition)
+    return FinishedRun(cfg, setup.backbone, setup.data, read_prompt(run_dir, None, None),
+                       setup.budgets, setup.new_tokens)
 
 
 def _splits(data: FederatedData, grid: StudyGrid) -> dict[str, tuple[list[ClientData], EvalSet]]:
@@ -90,9 +87,10 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
     total = sum((len(c.test) + len(g)) * rows * grid.epochs * len(grid.lrs) * len(grid.prox_lambdas)
                 + len(c.test) for clients, g in splits.values() for c in clients)
     with reporter.task("personalization study", total) as advance:
-        def score(bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]]) -> list[dict]:
+        def score(bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]],
+                  tags: Sequence[dict] = ()) -> list[dict]:
             return evaluate(run.backbone, bank, requests, run.new_tokens,
-                            run.cfg.eval_batch_size, advance)
+                            run.budgets.generation_rows, advance)
 
         federated, records = {}, []
         for split, (clients, global_set) in splits.items():
@@ -101,7 +99,7 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
             for lam in grid.prox_lambdas:
                 spec = PersonalizeSpec(ClientOptimizer(grid.opt), grid.lrs, grid.epochs,
                                        run.cfg.batch_size, run.cfg.seed, lam, grid.alphas)
-                k = min(run.k_parallel, len(clients) * len(grid.lrs))
+                k = min(run.budgets.clients_in_parallel, len(clients) * len(grid.lrs))
                 found, _ = personalize(run.backbone, run.prompt, clients, global_set, spec, k,
                                        score)
                 records += [{"split": split, "prox_lambda": lam, **r} for r in found]

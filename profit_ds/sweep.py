@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profit_ds.config import FIELD_TYPES, RunConfig, coerce, read_config_file, validate
+from profit_ds.config import FIELD_TYPES, RunConfig, build, coerce, read_config_file
 from profit_ds.errors import UsageError
 
 TOP_LEVEL = ("output_dir", "base", "settings", "grid", "seeds")
@@ -234,8 +234,7 @@ def cell_config(cell: Cell, output_dir: str | Path, num_procs: int, n_cells: int
     values = {**cell.values, "seed": cell.seed, "output_dir": str(cell.directory(output_dir)),
               "num_procs": num_procs}
     try:
-        cfg = RunConfig(**values)
-        validate(cfg)
+        cfg = build(values)
     except UsageError as err:
         raise UsageError(f"{path}: cell {cell.index}/{n_cells} ({cell.label}, seed "
                          f"{cell.seed}): {err}") from None

@@ -12,9 +12,23 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from profit_ds.config import REAL_MODEL_DEFAULTS, field_default
 from profit_ds.model.builtin import BUILTIN_DIR
 
 SNI_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "sni-sample" / "tasks"
+# The random test models are no pretrained LLMs, and their context is 512 tokens: they run with
+# the built-in model's settings, where a model directory would otherwise get a pretrained
+# model's defaults (config.REAL_MODEL_DEFAULTS)
+UNTRAINED = {key: field_default(key) for key in REAL_MODEL_DEFAULTS}
+
+
+def flags(settings: dict) -> list[str]:
+    """The CLI spelling of a settings dict."""
+    out = []
+    for key, value in settings.items():
+        value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        out += [f"--{key.replace('_', '-')}", value]
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import UNTRAINED, flags
 from profit_ds.config import resolve
 from profit_ds.data.builtin import builtin_tasks
 from profit_ds.data.format import to_example
@@ -26,7 +27,7 @@ from profit_ds.model.prompted import IGNORE, Encoded, client_loss_sums, collate,
 from profit_ds.runner import run
 
 RTOL = 1e-5
-TINY = dict(rounds=2, clients_per_round=4, instances_per_task=10, batch_size=4,
+TINY = dict(UNTRAINED, rounds=2, clients_per_round=4, instances_per_task=10, batch_size=4,
             client_opt="adam", client_lr=0.05, personalize_lrs=[0.5, 2.0], personalize_epochs=1,
             eval_every=0, max_new_tokens=2, prompt_tokens=8)
 
@@ -39,15 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _flags(settings: dict) -> list[str]:
-    """The CLI spelling of a settings dict."""
-    out = []
-    for key, value in settings.items():
-        value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        out += [f"--{key.replace('_', '-')}", value]
-    return out
 
 
 def _prompts(out: Path) -> dict[str, torch.Tensor]:
@@ -102,7 +94,7 @@ def test_one_and_two_ranks_give_the_same_prompts(one_rank_k8, tiny_model_dir, tm
     out = tmp_path / "two-ranks"
     res = subprocess.run([sys.executable, "-m", "profit_ds", "run", "--num-procs", "2",
                           "--model", str(tiny_model_dir), "--algo", algo,
-                          "--clients-in-parallel", "8", "--output-dir", str(out), *_flags(TINY)],
+                          "--clients-in-parallel", "8", "--output-dir", str(out), *flags(TINY)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     _assert_same_prompts(reference, out)

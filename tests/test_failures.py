@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from conftest import UNTRAINED, flags
 from profit_ds.model.builtin import BUILTIN_DIR
 
 
@@ -123,7 +124,8 @@ def test_disk_full_is_one_line(monkeypatch, capsys, tmp_path, tiny_model_dir, ba
     from profit_ds import io
     out = tmp_path / "o"
     code, err = _in_process(monkeypatch, capsys,
-                            ["--model", str(tiny_model_dir), "--output-dir", str(out)],
+                            ["--model", str(tiny_model_dir), "--output-dir", str(out),
+                             *flags(UNTRAINED)],
                             (io, "_atomic"), OSError(errno.ENOSPC, "No space left on device",
                                                       str(out / "config.json")))
     assert code == 2 and "no space left on device" in err and "config.json" in err
@@ -132,7 +134,8 @@ def test_disk_full_is_one_line(monkeypatch, capsys, tmp_path, tiny_model_dir, ba
 def test_out_of_memory_suggests_remedies(monkeypatch, capsys, tmp_path, tiny_model_dir, backbone):
     from profit_ds import runner
     code, err = _in_process(monkeypatch, capsys,
-                            ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o")],
+                            ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"),
+                             *flags(UNTRAINED)],
                             (runner, "federated_round"), torch.OutOfMemoryError("CUDA out of memory"))
     assert code == 2 and "out of memory" in err and "--clients-in-parallel" in err
 

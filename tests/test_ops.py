@@ -160,7 +160,8 @@ def test_plan_llama_7b_on_8_gpus():
     assert out["bf16_total_gb"] == pytest.approx(13.48, abs=0.01)
     assert out["per_gpu_gb"]["weights"] == pytest.approx(1.68, abs=0.01)
     assert out["fits"] and not out["offload_params"] and out["clients_in_parallel"] >= 1
-    assert out["per_gpu_gb"]["total"] <= out["usable_gb"]
+    assert out["per_gpu_gb"]["total"] <= out["gpu_mem_gb"]
+    assert out["budgets"]["tokens_per_forward"] >= out["workload"]["seq_len"]
     # DeepSpeed's figure: the same shard plus 4 bytes x the largest layer (the embedding)
     assert out["deepspeed_estimate_gb"] == pytest.approx(1.68 + 4 * 131_072_000 / 1e9, abs=0.01)
     table = invoke("plan", "--model", "llama-7b", "--gpus", "8").stdout
@@ -187,15 +188,22 @@ def test_plan_offloads_only_when_the_shard_does_not_fit():
     assert eight.fits and not eight.offload
 
 
-def test_plan_more_clients_cost_more_and_too_many_do_not_fit():
+def test_plan_k_fills_one_forward_and_more_memory_allows_more():
+    """K=auto is the clients whose rows fill one forward per GPU: more clients in parallel
+    only add forwards (and their prompt bank), so they still fit; a larger GPU fits a larger
+    forward and with it a larger K=auto."""
     shape = planning.model_shape("llama-7b")
     work = planning.default_workload("llama-7b", 8)
     best = planning.plan(shape, work)
-    too_many = planning.plan(shape, work, clients_in_parallel=best.max_clients_in_parallel + 8)
-    assert not too_many.fits and too_many.memory.total > best.memory.total
-    assert not too_many.offload  # offload is chosen only when it is what makes a run fit
-    assert planning.plan(shape, work, gpu_mem_gb=160).max_clients_in_parallel > (
-        best.max_clients_in_parallel)
+    rows = best.clients_in_parallel * work.micro_batch / work.world
+    assert rows * work.seq_len <= best.budgets.tokens_per_forward
+    assert (best.clients_in_parallel + 1) * work.micro_batch / work.world * work.seq_len > (
+        best.budgets.tokens_per_forward)
+    more = planning.plan(shape, work, clients_in_parallel=best.clients_in_parallel + 8)
+    assert more.fits and more.memory.prompts > best.memory.prompts and not more.offload
+    big = planning.plan(shape, work, gpu_mem_gb=160)
+    assert big.budgets.tokens_per_forward >= best.budgets.tokens_per_forward
+    assert big.clients_in_parallel >= best.clients_in_parallel
 
 
 def test_persistent_parameters_follow_the_config():

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from profit_ds import io
 from profit_ds.config import resolve
 from profit_ds.report import best_personalized, comparison_table, run_differences
-from profit_ds.runner import environment
+from profit_ds.environment import environment
 
 
 def _scores(local: float, glob: float) -> dict:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import UNTRAINED, flags
 from profit_ds import checkpoint
 
 ROUNDS = 4
@@ -24,7 +25,8 @@ def _args(model_dir, out):
             "--clients-per-round", "3", "--instances-per-task", "12", "--batch-size", "4",
             "--client-opt", "adam", "--server-opt", "adam", "--server-lr", "0.05",
             "--personalize-lrs", "0.5,2", "--personalize-epochs", "1",
-            "--clients-in-parallel", "2", "--eval-every", "2", "--output-dir", str(out)]
+            "--clients-in-parallel", "2", "--eval-every", "2", "--output-dir", str(out),
+            *flags({k: v for k, v in UNTRAINED.items() if k != "personalize_lrs"})]
 
 
 def _run(args, **kw):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SNI_SAMPLE
+from conftest import SNI_SAMPLE, UNTRAINED
 from safetensors import safe_open
 
 from profit_ds.config import resolve
@@ -17,7 +17,7 @@ from profit_ds.runner import run
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory, backbone):
     out = tmp_path_factory.mktemp("run")
-    cfg = resolve(None, dict(model=str(tiny_model_dir), rounds=2, clients_per_round=3,
+    cfg = resolve(None, dict(UNTRAINED, model=str(tiny_model_dir), rounds=2, clients_per_round=3,
                              instances_per_task=10, personalize_lrs=[0.0, 5.0],
                              personalize_epochs=2, eval_every=1, output_dir=str(out),
                              clients_in_parallel="4", prompt_tokens=8))
@@ -40,6 +40,36 @@ def test_results_follow_the_contract(finished_run):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
     assert on_disk["data"]["manifest_hash"] == results["data"]["manifest_hash"]
+
+
+def test_backbone_row_and_predictions_rescore_every_number(finished_run):
+    """The bare backbone is scored as its own row; every scored set's predictions are in
+    predictions/*.jsonl, and `profit-ds score --by` recomputes the reported numbers."""
+    out, results = finished_run
+    assert set(results["backbone"]) >= {"local_rouge_l", "global_rouge_l"}
+    assert results["resolved"]["chat_template"] is False  # the tiny tokenizer has none
+    assert (out / "predictions" / "backbone.jsonl").is_file()
+
+    def rescore(phase: str, *by: str) -> dict:
+        args = ["score", str(out / "predictions" / f"{phase}.jsonl"), "--json"]
+        res = _cli(*args, *(["--by", ",".join(by)] if by else []))
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    for phase, key in (("backbone", "backbone"), ("initial", "initial"), ("federated", "global")):
+        whole = rescore(phase, "client")
+        assert whole["rouge_l"] == pytest.approx(results[key]["global_rouge_l"], abs=1e-9)
+        assert whole["mean_over_groups"]["rouge_l"] == pytest.approx(
+            results[key]["local_rouge_l"], abs=1e-9)
+    groups = rescore("personalized", "client", "lr", "epoch", "set")["groups"]
+    by_key = {(g["client"], g["lr"], g["epoch"], g["set"]): g["rouge_l"] for g in groups}
+    assert len(by_key) == 2 * len(results["personalized_clients"])
+    for record in results["personalized_clients"]:
+        key = (record["client"], record["lr"], record["epoch"])
+        assert by_key[(*key, "local")] == record["local_rouge_l"]
+        assert by_key[(*key, "global")] == record["global_rouge_l"]
+    rounds = rescore("validation", "round")["groups"]
+    assert [g["rouge_l"] for g in rounds] == [r["val_rouge_l"] for r in results["rounds"]]
 
 
 def test_prompt_files(finished_run, backbone):

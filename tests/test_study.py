@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from conftest import UNTRAINED
 from profit_ds import io
 from profit_ds.config import resolve
 from profit_ds.errors import UsageError
@@ -30,7 +31,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def finished(tiny_model_dir, tmp_path_factory, backbone):
     """A tiny run (2 rounds, lr 5 personalization) and the same run rebuilt by `load_run`."""
     out = tmp_path_factory.mktemp("study_run")
-    cfg = resolve(None, dict(model=str(tiny_model_dir), rounds=2, clients_per_round=2,
+    cfg = resolve(None, dict(UNTRAINED, model=str(tiny_model_dir), rounds=2, clients_per_round=2,
                              num_clients=12, instances_per_task=6, personalize_lrs=[5.0],
                              personalize_epochs=1, eval_every=1, output_dir=str(out),
                              clients_in_parallel="8", prompt_tokens=4, max_new_tokens=4))
@@ -43,7 +44,7 @@ def _personalize(loaded, lrs=(5.0,), epochs=1, batch_size=None, **kw):
     spec = PersonalizeSpec(ClientOptimizer("sgd"), lrs, epochs,
                            batch_size or loaded.cfg.batch_size, loaded.cfg.seed, **kw)
 
-    def score(bank, requests):
+    def score(bank, requests, tags=()):
         return evaluate(loaded.backbone, bank, requests, loaded.new_tokens, 64)
     return personalize(loaded.backbone, loaded.prompt, loaded.data.test_clients,
                        loaded.data.global_test, spec, 8, score)

@@ -39,6 +39,10 @@ def _facts_table(result: planning.Plan) -> Table:
     table.add_row("rows per step (K clients x micro batch)",
                   f"{result.clients_in_parallel} x {work.micro_batch}, split over "
                   f"{work.world} GPU(s)")
+    b = result.budgets
+    table.add_row("run's budgets per GPU: memory / tokens per forward / generation rows",
+                  f"{b.memory / GB:.2f} GB / {b.tokens_per_forward} / {b.generation_rows}")
+    table.add_row("activation checkpointing", "on" if b.checkpointing else "off")
     return table
 
 
@@ -56,13 +60,12 @@ def _memory_table(result: planning.Plan) -> Table:
         shard = "whole model (one rank: no ZeRO-3)"
     for label, value in ((f"weights: {shard}", mem.weights),
                          ("gathered layers + persistent params", mem.gathered),
-                         ("activations", mem.activations),
+                         ("activations: one forward or generation batch", mem.activations),
                          ("prompt bank + grad + Adam (fp32)", mem.prompts),
-                         ("CUDA context, NCCL, workspaces", mem.runtime)):
+                         ("CUDA context, run's reserve", mem.runtime)):
         table.add_row(label, f"{value / GB:.2f}")
     table.add_row("total", f"{mem.total / GB:.2f}", style="bold")
-    table.add_row(f"usable ({planning.USABLE_FRACTION:.0%} of {result.gpu_mem_bytes / GB:g} GB)",
-                  f"{planning.USABLE_FRACTION * result.gpu_mem_bytes / GB:.2f}")
+    table.add_row("GPU memory", f"{result.gpu_mem_bytes / GB:.2f}")
     table.add_row("DeepSpeed estimator (weights + largest layer)",
                   f"{result.deepspeed_estimate / GB:.2f}", style="dim")
     return table
@@ -71,17 +74,14 @@ def _memory_table(result: planning.Plan) -> Table:
 def verdict(result: planning.Plan) -> str:
     """One sentence: what to run with, or what to change."""
     if not result.fits:
-        if result.max_clients_in_parallel:
-            return (f"K={result.clients_in_parallel} does not fit; at most "
-                    f"K={result.max_clients_in_parallel} with {result.ds_config}.")
-        return ("Does not fit even one client with parameter offload: lower --micro-batch or "
-                "--seq-len, or add GPUs.")
+        return ("Does not fit: not even one row of --seq-len tokens with parameter offload and "
+                "activation checkpointing; lower --seq-len, or add GPUs.")
     offload = (f"parameter offload needed ({result.cpu_offload_bytes_per_node / GB:.0f} GB "
                "pinned CPU RAM per node)" if result.offload else "no offload needed")
-    return (f"Recommended: --ds-config {result.ds_config} --clients-in-parallel "
-            f"{result.clients_in_parallel} ({offload}; at most "
-            f"K={result.max_clients_in_parallel} fit, and a run uses at most its clients per "
-            "round).")
+    return (f"Recommended: --ds-config {result.ds_config}; the run's K=auto is "
+            f"{result.clients_in_parallel} ({offload}; K=auto fills one forward of "
+            f"{result.budgets.tokens_per_forward} tokens per GPU, a larger K only adds forwards, "
+            "and a run uses at most its clients per round).")
 
 
 @app.command()
@@ -93,7 +93,7 @@ def plan(
     prompt_tokens: int | None = typer.Option(None, "--prompt-tokens",
                                                 help="Virtual tokens P (default: as run)."),
     clients_in_parallel: int | None = typer.Option(
-        None, "--clients-in-parallel", help="K to check (default: the most that fit)."),
+        None, "--clients-in-parallel", help="K to check (default: the run's K=auto)."),
     seq_len: int | None = typer.Option(None, "--seq-len",
                                           help="Source + target tokens per row (default: as "
                                                "run's token limits)."),

@@ -47,7 +47,11 @@ def _left_padded_inputs(backbone: Backbone, bank: torch.Tensor,
 def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, Encoded]],
              max_new_tokens: int, batch_rows: int,
              advance: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy continuations (decoded, stripped) for `jobs` = (bank index, encoded example)."""
+    """Greedy continuations (decoded, stripped) for `jobs` = (bank index, encoded example).
+
+    With SDPA attention whatever the training kernel: without a backward pass it is the faster
+    one on CPUs in bf16 too (SmolLM2 prefill 1.6 s against eager's 2.95 s, docs/BENCHMARKS.md).
+    """
     tok = backbone.tokenizer
     world = distributed.world()
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1].source))
@@ -55,32 +59,45 @@ def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, E
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     texts: list[str] = [""] * len(jobs)
     step = batch_rows * world
-    for start in range(0, len(order), step):
-        idx = order[start: start + step]
-        # a row costs its padded prefill and its decoding steps
-        mine = idx[distributed.my_share([bank.shape[1] + len(jobs[i][1].source) + max_new_tokens
-                                         for i in idx])]
-        # an idle rank still generates (one dummy row) to stay in lock-step under ZeRO-3
-        batch = [jobs[i] for i in mine] or [jobs[idx[0]]]
-        embeds, mask = _left_padded_inputs(backbone, bank, batch)
-        out = backbone.model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                      generation_config=config, synced_gpus=world > 1)
-        decoded = [t.strip() for t in tok.batch_decode(out.cpu(), skip_special_tokens=True)]
-        for i, text in zip(idx, distributed.gather_lists(decoded[: len(mine)])):
-            texts[i] = text
-        if advance:
-            advance(len(idx))
+    with backbone.attention("sdpa"):
+        for start in range(0, len(order), step):
+            _generate_batch(backbone, bank, jobs, order[start: start + step], config, texts)
+            if advance:
+                advance(len(order[start: start + step]))
     return texts
+
+
+def _generate_batch(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, Encoded]],
+                    idx: list[int], config: GenerationConfig, texts: list[str]) -> None:
+    """Generate jobs `idx` (this rank's share of them) into `texts`."""
+    tok = backbone.tokenizer
+    world = distributed.world()
+    # a row costs its padded prefill and its decoding steps
+    mine = idx[distributed.my_share([bank.shape[1] + len(jobs[i][1].source)
+                                     + config.max_new_tokens for i in idx])]
+    # an idle rank still generates (one dummy row) to stay in lock-step under ZeRO-3
+    batch = [jobs[i] for i in mine] or [jobs[idx[0]]]
+    embeds, mask = _left_padded_inputs(backbone, bank, batch)
+    out = backbone.model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                  generation_config=config, synced_gpus=world > 1)
+    decoded = [t.strip() for t in tok.batch_decode(out.cpu(), skip_special_tokens=True)]
+    for i, text in zip(idx, distributed.gather_lists(decoded[: len(mine)])):
+        texts[i] = text
 
 
 def evaluate(backbone: Backbone, bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]],
              max_new_tokens: int, batch_rows: int,
              advance: Callable[[int], None] | None = None) -> list[dict]:
-    """Score prompt `bank[k]` on each requested set; all requests share generation batches."""
+    """Score prompt `bank[k]` on each requested set; all requests share generation batches.
+
+    Each result holds the set's ROUGE-L and exact match, and, for the predictions files,
+    its "predictions" and "example_rouge_l" in the set's order."""
     jobs = [(k, e) for k, s in requests for e in s.encoded]
     texts = generate(backbone, bank, jobs, max_new_tokens, batch_rows, advance)
     results, start = [], 0
     for _, s in requests:
-        results.append(score_predictions(texts[start: start + len(s)], s.references))
+        chunk = texts[start: start + len(s)]
+        results.append({**score_predictions(chunk, s.references, per_example=True),
+                        "predictions": chunk})
         start += len(s)
     return results

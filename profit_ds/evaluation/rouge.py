@@ -36,15 +36,18 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
 
 
-def score_predictions(predictions: Sequence[str],
-                      references: Iterable[Sequence[str]]) -> dict[str, float]:
-    """Mean ROUGE-L and exact match on SNI's 0-100 scale, plus the example count."""
+def score_predictions(predictions: Sequence[str], references: Iterable[Sequence[str]],
+                      per_example: bool = False) -> dict:
+    """Mean ROUGE-L and exact match on SNI's 0-100 scale, plus the example count; with
+    `per_example`, also each example's ROUGE-L (0-100) under "example_rouge_l"."""
     references = list(references)
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
     n = len(predictions)
-    if n == 0:
-        return {"rouge_l": 0.0, "exact_match": 0.0, "n": 0}
-    rl = sum(rouge_l(p, r) for p, r in zip(predictions, references))
+    rls = [rouge_l(p, r) for p, r in zip(predictions, references)]
     em = sum(exact_match(p, r) for p, r in zip(predictions, references))
-    return {"rouge_l": 100.0 * rl / n, "exact_match": 100.0 * em / n, "n": n}
+    out = {"rouge_l": 100.0 * sum(rls) / n if n else 0.0,
+           "exact_match": 100.0 * em / n if n else 0.0, "n": n}
+    if per_example:
+        out["example_rouge_l"] = [100.0 * x for x in rls]
+    return out

@@ -49,28 +49,31 @@ class FederatedData:
 
 
 def _eval_set(tokenizer, examples: list[Example], max_source: int | None,
-              report: TruncationReport) -> EvalSet:
-    return EvalSet(encode(tokenizer, examples, max_source, report=report),
+              report: TruncationReport, chat: bool) -> EvalSet:
+    return EvalSet(encode(tokenizer, examples, max_source, report=report, chat=chat),
                    [e.references for e in examples], [e.id for e in examples])
 
 
 def encode_partition(tokenizer, partition: Partition, max_source_tokens: int | None = None,
-                     max_target_tokens: int | None = None) -> FederatedData:
-    """Tokenize every client's examples once, up front; count what truncation cut."""
+                     max_target_tokens: int | None = None, chat: bool = False) -> FederatedData:
+    """Tokenize every client's examples once, up front; count what truncation cut. `chat`:
+    sources in the tokenizer's chat template (`prompted.encode`)."""
     report = TruncationReport()
 
     def client(c: Client) -> ClientData:
         return ClientData(c.name, c.split,
-                          encode(tokenizer, c.train, max_source_tokens, max_target_tokens, report),
-                          _eval_set(tokenizer, c.test, max_source_tokens, report))
+                          encode(tokenizer, c.train, max_source_tokens, max_target_tokens, report,
+                                 chat),
+                          _eval_set(tokenizer, c.test, max_source_tokens, report, chat))
     train = [client(c) for c in partition.train_clients]
     validation = [client(c) for c in partition.validation_clients]
     test = [client(c) for c in partition.test_clients]
     return FederatedData(
         train_clients=train, validation_clients=validation, test_clients=test,
-        global_test=_eval_set(tokenizer, partition.global_test, max_source_tokens, TruncationReport()),
+        global_test=_eval_set(tokenizer, partition.global_test, max_source_tokens,
+                              TruncationReport(), chat),
         global_validation=_eval_set(tokenizer, partition.global_validation, max_source_tokens,
-                                    TruncationReport()),
+                                    TruncationReport(), chat),
         truncation=report.summary())
 
 

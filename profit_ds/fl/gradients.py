@@ -18,34 +18,32 @@ from typing import Sequence
 import torch
 
 from profit_ds import distributed
+from profit_ds.memory import ForwardLimit
 from profit_ds.model.backbone import Backbone
 from profit_ds.model.prompted import Encoded, client_loss_sums, collate
-
-# padded tokens (prompt included) one rank runs in one forward; see docs/BENCHMARKS.md
-TOKENS_PER_FORWARD = {"cpu": 4096, "cuda": 65536}
 
 Row = tuple[int, Encoded]
 
 
-def tokens_per_forward() -> int:
-    """This device's per-rank token budget for one forward."""
-    return TOKENS_PER_FORWARD["cuda" if torch.cuda.is_available() else "cpu"]
-
-
-def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int,
-                   max_tokens: int) -> list[list[Row]]:
-    """Rows longest first, cut into chunks of at most `max_rows` rows and `max_tokens` padded
-    tokens (rows x longest row), both counted over all ranks together."""
+def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int, limit: ForwardLimit,
+                   world: int = 1) -> list[list[Row]]:
+    """Rows longest first, cut into chunks of at most `max_rows` rows over all ranks, each
+    rank's share of which (a `world`-th) fits `limit` (its bytes and padded tokens)."""
     order = sorted(rows, key=lambda r: -(len(r[1].source) + len(r[1].target)))
     chunks: list[list[Row]] = []
+    labels = 0
     for row in order:
         if chunks:
             last = chunks[-1]
-            longest = num_prompt + len(last[0][1].source) + len(last[0][1].target)
-            if len(last) < max_rows and (len(last) + 1) * longest <= max_tokens:
+            longest = len(last[0][1].source) + len(last[0][1].target)
+            n, with_row = len(last) + 1, labels + len(row[1].target)
+            if n <= max_rows and limit.fits(-(-n // world), longest, num_prompt,
+                                           -(-with_row // world)):
                 last.append(row)
+                labels = with_row
                 continue
         chunks.append([row])
+        labels = len(row[1].target)
     return chunks
 
 
@@ -65,12 +63,12 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
     leaf = bank.detach().clone().requires_grad_(True)
     loss_sums = torch.zeros(k, dtype=torch.float64)
     for part in forward_chunks(rows, bank.shape[1], max(rows_per_forward, world),
-                               tokens_per_forward() * world):
+                               backbone.forward_limit(), world):
         mine = part[distributed.my_share([len(e.source) + len(e.target) for _, e in part])]
         _start_zero3_step(backbone)
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
-            sums = client_loss_sums(backbone.model, leaf, batch)
+            sums = client_loss_sums(backbone.model, leaf, batch, backbone.checkpointing)
             (sums / denom).sum().backward()
             loss_sums += sums.detach().double().cpu()
         else:  # keep ZeRO-3's collective all-gathers in lock-step with the other ranks
@@ -108,4 +106,5 @@ def _idle_forward_backward(backbone: Backbone, leaf: torch.Tensor) -> None:
     whose loss is multiplied by zero."""
     eos = backbone.tokenizer.eos_token_id
     batch = collate([Encoded((eos,), (eos,))], [0], backbone.tokenizer.pad_token_id)
-    (client_loss_sums(backbone.model, leaf, batch).sum() * 0.0).backward()
+    (client_loss_sums(backbone.model, leaf, batch, backbone.checkpointing).sum() * 0.0
+     ).backward()

@@ -24,8 +24,9 @@ from profit_ds.fl.optim import ClientOptimizer, init_client_state
 from profit_ds.fl.rounds import chunks
 from profit_ds.model.backbone import Backbone
 
-# (bank, requests) -> one score dict per request
-Evaluator = Callable[[torch.Tensor, Sequence[tuple[int, EvalSet]]], list[dict]]
+# (bank, requests, tags) -> one score dict per request; tags[i] says what request i is
+# (client, lr, epoch, set, alpha), for the predictions files
+Evaluator = Callable[[torch.Tensor, Sequence[tuple[int, EvalSet]], Sequence[dict]], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,14 @@ def personalize(backbone: Backbone, prompt: torch.Tensor, clients: Sequence[Clie
             bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules,
                                            grad_penalty=penalty)
             scored = interpolate(bank, prompt, spec.alphas)
-            owners = [c for c, _ in group] * (1 + len(spec.alphas))
-            requests = [(r, c.test) for r, c in enumerate(owners)]
+            owners = list(group) * (1 + len(spec.alphas))
+            requests = [(r, c.test) for r, (c, _) in enumerate(owners)]
             requests += [(r, global_test) for r in range(len(owners))]
-            scores = evaluate(scored, requests)
+            tags = [{"client": c.name, "lr": lr_, "epoch": epoch, "set": which,
+                     **({"alpha": ([1.0] + list(spec.alphas))[r // len(group)]}
+                        if spec.alphas else {})}
+                    for which in ("local", "global") for r, (c, lr_) in enumerate(owners)]
+            scores = evaluate(scored, requests, tags)
             for k, (c, lr_) in enumerate(group):
                 record = {"client": c.name, "lr": lr_, "epoch": epoch,
                           "train_loss": float(losses[k]), **_row_scores(scores, len(owners), k)}

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 from profit_ds import distributed
 from profit_ds.errors import UsageError
+from profit_ds.memory import (TOKENS_PER_FORWARD_CAP, Dims, ForwardLimit, free_memory,
+                              token_costs)
 from profit_ds.model.aliases import gated_hint, resolve_model
-from profit_ds.model.ds_config import (load_ds_config, offloads_params, uses_zero3,
-                                       without_zero_init)
+from profit_ds.model.ds_config import (import_deepspeed, load_ds_config, offloads_params,
+                                       uses_zero3, without_zero_init)
+from profit_ds.model.gguf import hf_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -37,10 +41,45 @@ class Backbone:
     name: str
     dtype: torch.dtype
     hf_ds_config: object = None  # keeps transformers' ZeRO-3 awareness (synced generation) alive
+    # what one training forward may hold on this rank: the run sets it from its budgets
+    # (profit_ds.memory); unset, `forward_limit()` derives it from the memory free now
+    limit: ForwardLimit | None = None
+    checkpointing: bool = False  # activation checkpointing in training forwards (the budgets')
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    @property
+    def eager_attention(self) -> bool:
+        return self.model.config._attn_implementation == "eager"
+
+    @contextlib.contextmanager
+    def attention(self, kind: str) -> Iterator[None]:
+        """Run with attention kernel `kind` ("sdpa", "eager") for a while: generation takes
+        SDPA even where training takes eager (`attention_implementation`)."""
+        was = self.model.config._attn_implementation
+        if was != kind:
+            self.model.set_attn_implementation(kind)
+        try:
+            yield
+        finally:
+            if was != kind:
+                self.model.set_attn_implementation(was)
+
+    def forward_limit(self) -> ForwardLimit:
+        """The run's limit, or one from the memory free on this device now."""
+        if self.limit is None:
+            device = distributed.device().type
+            memory, _ = free_memory(device)
+            costs = token_costs(Dims.of(self.model.config), self.dtype_name,
+                                self.eager_attention)
+            self.limit = ForwardLimit(costs, memory, TOKENS_PER_FORWARD_CAP[device])
+        return self.limit
 
     def resident_parameter_bytes(self) -> int:
         """Bytes of backbone parameters this rank holds between forwards (its ZeRO-3 shard)."""
@@ -50,8 +89,15 @@ class Backbone:
 
 
 def resolve_path(name: str) -> str:
-    """What `from_pretrained` loads for `--model`: built-in, alias, local path or hub id."""
-    return resolve_model(name).location
+    """What `from_pretrained` loads for `--model`: built-in, alias, local path or hub id; a
+    GGUF file (`--model FILE.gguf`, or an alias's packaged one) is first converted, once, into
+    a cached folder (`profit_ds.model.gguf`). Checking a name without loading it:
+    `aliases.resolve_model`."""
+    ref = resolve_model(name)
+    if ref.kind == "gguf":
+        quiet = not distributed.is_main()
+        return str(hf_folder(Path(ref.location), say=(lambda line: None) if quiet else None))
+    return ref.location
 
 
 def attention_implementation(dtype: str) -> str | None:
@@ -66,13 +112,15 @@ def attention_implementation(dtype: str) -> str | None:
 
 
 def load_config_and_tokenizer(name: str, trust_remote_code: bool = False,
-                              local_files_only: bool = False) -> tuple[object, object]:
+                              local_files_only: bool = False,
+                              path: str | None = None) -> tuple[object, object]:
     """The model's config and tokenizer (a pad token set), without its weights: all that the
     checks of a run's settings need (`runner.check_fits`), a few kilobytes to fetch where the
-    weights are gigabytes. `local_files_only`: no download (a hub model must be cached)."""
+    weights are gigabytes. `local_files_only`: no download (a hub model must be cached).
+    `path`: `resolve_path(name)` when the caller has it already."""
     from transformers import AutoConfig, AutoTokenizer
 
-    path = resolve_path(name)
+    path = path or resolve_path(name)
     options = dict(trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     with _load_errors(name, path):
         tokenizer = AutoTokenizer.from_pretrained(path, **options)
@@ -94,7 +142,6 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
     `check(model_config, tokenizer)`: called before the weights load, so that settings the
     model cannot run (`runner.check_fits`) fail before a download of many gigabytes.
     """
-    import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -105,7 +152,7 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
     config = load_ds_config(ds_config, dtype=dtype, micro_batch=1)
     if zero3 is None:
         zero3 = uses_zero3(distributed.world(), offloads_params(config))
-    model_config, tokenizer = load_config_and_tokenizer(name, trust_remote_code)
+    model_config, tokenizer = load_config_and_tokenizer(name, trust_remote_code, path=path)
     if check:
         check(model_config, tokenizer)
     # registered, the config makes from_pretrained build inside zero.Init; a whole model must
@@ -118,13 +165,23 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
             attn_implementation=attention_implementation(dtype),
             trust_remote_code=trust_remote_code)
     model.requires_grad_(False)
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     if not zero3:
         return Backbone(model=model.to(distributed.device()).eval(), engine=None,
                         tokenizer=tokenizer, name=name, dtype=DTYPES[dtype])
-    engine = deepspeed.initialize(model=model, config=config)[0]
+    engine = import_deepspeed().initialize(model=model, config=config)[0]
     engine.eval()
     return Backbone(model=engine.module, engine=engine, tokenizer=tokenizer, name=name,
                     dtype=DTYPES[dtype], hf_ds_config=hf_ds_config)
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """The LM head's input made contiguous. `generate`'s prefill computes logits for the last
+    position only, `lm_head(hidden[:, -1:, :])`, a strided view; PyTorch's CPU matmul then
+    expands the head's weight once per row into a batched matmul: for SmolLM2 (49k x 576) and
+    16 rows, a 900 MB copy that took half of the prefill's time (measured, bf16). A copy of
+    the small input avoids it; contiguous inputs (training, decoding steps) pass unchanged."""
+    return (args[0].contiguous(), *args[1:])
 
 
 @contextlib.contextmanager
@@ -164,21 +221,26 @@ def _quiet_loading():
             hub_utils.disable_progress_bars()
 
 
-def init_prompt(backbone: Backbone, num_tokens: int, mode: str, seed: int) -> torch.Tensor:
+def init_prompt(backbone: Backbone, num_tokens: int, mode: str, seed: int,
+                text: str = "") -> torch.Tensor:
     """The initial soft prompt `[P, D]` in fp32 (the master copy; the backbone may be bf16).
 
     "vocab": embeddings of P tokens sampled from the vocabulary (special tokens excluded), as
-    Lester et al. found works best; "random": Gaussian with the embedding matrix's std.
-    Every rank gathers the (possibly partitioned) embedding and draws the same tokens.
+    Lester et al. found works best for T5; "text": the embeddings of `text`'s tokens, repeated
+    or cut to P (PEFT's TEXT init): a pretrained model reads them as words, so the prompt
+    starts from where the bare backbone is (measured on SmolLM2, docs/REAL_MODEL.md, where
+    random vocabulary tokens lowered global ROUGE-L); "random": Gaussian with the embedding
+    matrix's std. Every rank gathers the (possibly partitioned) embedding and draws the same.
     """
-    import deepspeed
-
     weight = backbone.model.get_input_embeddings().weight
-    with deepspeed.zero.GatheredParameters([weight]):
+    with import_deepspeed().zero.GatheredParameters([weight]):
         table = weight.detach().float().cpu().clone()
     gen = torch.Generator().manual_seed(seed)
     if mode == "random":
         return torch.randn(num_tokens, table.shape[1], generator=gen) * table.std()
+    if mode == "text":
+        ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return table[torch.tensor((ids * (num_tokens // len(ids) + 1))[:num_tokens])].clone()
     special = set(backbone.tokenizer.all_special_ids)
     ordinary = torch.tensor([i for i in range(table.shape[0]) if i not in special])
     picks = ordinary[torch.randint(len(ordinary), (num_tokens,), generator=gen)]

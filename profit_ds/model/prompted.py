@@ -18,8 +18,9 @@ two runs of the same seed. `tests/test_exactness.py` checks the autograd graph f
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,22 @@ class Encoded:
 
 def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int | None = None,
            max_target_tokens: int | None = None,
-           report: TruncationReport | None = None) -> list[Encoded]:
+           report: TruncationReport | None = None, chat: bool = False) -> list[Encoded]:
     """Tokenize sources and targets separately, so the loss mask is exact.
 
     Over-long sources lose their middle (the Definition at the head and the instance input with
     the output cue at the tail matter most); targets are cut from the right; EOS is always kept
     so the model learns to stop. `report` counts what was cut.
+
+    `chat`: the source is the user's turn of the tokenizer's chat template, ending in the
+    assistant's turn header (`chat_source`), and the target is the assistant's reply (no
+    leading space), ended by EOS (for instruct models the end-of-turn token, e.g. SmolLM2's
+    `<|im_end|>`). Otherwise the target follows the source's "Output:" cue after a space.
     """
-    sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
-    targets = tokenizer([" " + e.target for e in examples], add_special_tokens=False)["input_ids"]
+    texts = [chat_source(tokenizer, e.source) if chat else e.source for e in examples]
+    sources = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lead = "" if chat else " "
+    targets = tokenizer([lead + e.target for e in examples], add_special_tokens=False)["input_ids"]
     keep_tail = (max_source_tokens or 0) // 2
     out = []
     for s, t in zip(sources, targets):
@@ -58,6 +66,15 @@ def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int | None
             report.record(len(s_cut) < len(s), len(t_cut) < len(t))
         out.append(Encoded(tuple(s_cut), tuple(t_cut) + (tokenizer.eos_token_id,)))
     return out
+
+
+def chat_source(tokenizer, text: str) -> str:
+    """`text` as the user's message in the tokenizer's chat template, followed by the header
+    of the assistant's reply (what an instruct model was trained to answer after)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 @dataclass
@@ -105,7 +122,30 @@ def _rows_of_clients(cache, slot: torch.Tensor) -> None:
         layer.values = layer.values.index_select(0, slot)
 
 
-def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+@contextmanager
+def _checkpointed(model) -> Iterator[None]:
+    """transformers' activation checkpointing for one forward: its decoder layers checkpoint
+    only in training mode, which changes nothing else in a Llama-style decoder without
+    dropout. Reentrant: the recompute calls each layer through its module hooks, where ZeRO-3
+    gathers the layer's parameters again (non-reentrant recomputation meets the released
+    placeholders and fails)."""
+    if not getattr(model, "_profit_ds_checkpointing", False):
+        kwargs = {"use_reentrant": True}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # its name before transformers 5
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model._profit_ds_checkpointing = True
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch,
+                     checkpointing: bool = False) -> torch.Tensor:
     """Per-client sums of token cross-entropy over label tokens, shape `[K]` (float32).
 
     The same numbers as running every row as `[its client's prompt ; its tokens]`, with a
@@ -116,6 +156,12 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch) -> torch.T
     rows per client that skips (B-1)/B of the prompt positions' work (a fifth of a step on the
     built-in suite). Then the LM head runs only at positions whose next token is a label.
 
+    `checkpointing` (activation checkpointing, for backbones whose activations do not fit):
+    each decoder layer keeps only its input and recomputes the rest in the backward pass.
+    A layer recomputed while it appends to a KV cache would append twice, so this path runs
+    every row as the plain sequence `[its prompt ; its tokens]` instead of sharing the
+    prompt's cache; the sums are the same up to float rounding (tested).
+
     Batch and prompts may live on the CPU (the optimizers' side); they are moved to the
     model's device here, and the gradient flows back to `prompts` wherever it lives. The sums
     stay on the model's device.
@@ -125,13 +171,19 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch) -> torch.T
     prompts = prompts.to(device)
     body = model.base_model
     embeds = model.get_input_embeddings()(batch.input_ids)
-    clients, slot = torch.unique(batch.row_client, return_inverse=True)
-    cache = body(inputs_embeds=prompts.index_select(0, clients).to(embeds.dtype),
-                 use_cache=True).cache
-    _rows_of_clients(cache, slot)
-    mask = torch.cat([batch.attention_mask.new_ones(len(slot), prompts.shape[1]),
+    mask = torch.cat([batch.attention_mask.new_ones(len(batch.row_client), prompts.shape[1]),
                       batch.attention_mask], dim=1)
-    hidden = body(inputs_embeds=embeds, attention_mask=mask, cache=cache).last_hidden_state
+    if checkpointing:
+        rows = torch.cat([prompts.index_select(0, batch.row_client).to(embeds.dtype), embeds], 1)
+        with _checkpointed(model):
+            hidden = body(inputs_embeds=rows, attention_mask=mask,
+                          use_cache=False).last_hidden_state[:, prompts.shape[1]:]
+    else:
+        clients, slot = torch.unique(batch.row_client, return_inverse=True)
+        cache = body(inputs_embeds=prompts.index_select(0, clients).to(embeds.dtype),
+                     use_cache=True).cache
+        _rows_of_clients(cache, slot)
+        hidden = body(inputs_embeds=embeds, attention_mask=mask, cache=cache).last_hidden_state
     # position t predicts token t+1
     targets = batch.labels[:, 1:]
     where = (targets != IGNORE).flatten().nonzero().squeeze(1)

@@ -1,0 +1,241 @@
+"""What training and generation hold in memory per token, and the budgets a run takes from it.
+
+One model of memory serves `profit-ds plan` (before anything is downloaded, for a GPU of a
+given size) and a run (after its backbone is loaded, against the memory actually free), so the
+plan and the run cannot disagree (tests/test_budgets.py checks llama-7b on one 80 GB GPU).
+
+Per token of one rank's work, for a decoder of L layers, hidden size D, intermediate size I,
+H attention heads, vocabulary V, in a dtype of b bytes:
+
+  training     L x (8D + 3I) x b saved for the backward pass at every position (measured on a
+               small Llama with frozen weights: tests/test_ops.py), plus with eager attention
+               L x H x (4 + b) per (position, key) pair (the fp32 softmax and its cast, both
+               saved); with activation checkpointing only each layer's input, L x D x b, plus
+               one layer's full share while it is recomputed. At every label position the
+               logits: V x (b + 12) (the logits, their fp32 copy, the saved log-softmax, one
+               fp32 gradient).
+  generation   the KV cache, L x 2 x kv_heads x head_dim x b per position of prompt, source
+               and new tokens; the prefill's live tensors of one layer, (8D + 3I) x b per
+               position (no grad: layers free theirs as they go); fp32 logits of the last
+               position, 2V x 4 per row.
+
+Budgets: a training forward takes rows (longest first) while their bytes fit the memory
+budget and their padded tokens the throughput cap; K=auto is the number of clients whose
+rows fill one such forward on every rank (more would only add forwards, fewer would waste
+them); a generation batch takes as many rows as fit, up to its cap. The caps are where
+throughput stops growing with batch size on each kind of device (measured on SmolLM2-135M,
+docs/BENCHMARKS.md): beyond them a larger batch costs memory and buys nothing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+GB = 10**9
+BYTES = {"fp32": 4, "bf16": 2}
+SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE = 8, 3
+LOGIT_EXTRA = 4 + 4 + 4  # fp32 copy, saved log-softmax, one fp32 gradient (per vocab entry)
+# where a larger batch stops paying, per device kind (docs/BENCHMARKS.md, "Budgets")
+TOKENS_PER_FORWARD_CAP = {"cpu": 2048, "cuda": 32768}
+GENERATION_ROWS_CAP = {"cpu": 64, "cuda": 512}
+# of the memory found free, what a run plans to use: the rest is for the allocator's
+# fragmentation, the OS and other processes (a CPU's memory is shared)
+FREE_FRACTION = {"cpu": 0.5, "cuda": 0.9}
+CUDA_RESERVE = 1 * GB  # NCCL buffers, cuBLAS workspaces, the allocator's slack
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of a decoder that decide its memory per token."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> "Dims":
+        """From a transformers config (Llama, Mistral, Qwen2 and most decoders name these so)."""
+        heads = getattr(config, "num_attention_heads", None) or 1
+        hidden = config.hidden_size
+        return cls(layers=config.num_hidden_layers, hidden=hidden,
+                   intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+                   heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or hidden // heads,
+                   vocab=config.vocab_size)
+
+
+@dataclass(frozen=True)
+class TokenCosts:
+    """Bytes one rank holds per unit of work, for one backbone in one dtype."""
+
+    train_token: int   # saved for backward at one position, all layers
+    train_key: int     # eager attention: per (position, key) pair, all layers (0 otherwise)
+    label: int         # logits and loss at one label position
+    kv_token: int      # the KV cache of one position, all layers
+    prefill_token: int  # a no-grad forward's live tensors at one position (one layer)
+    row_logits: int    # a generated row's last-position logits
+
+    def train(self, rows: int, tokens: int, keys: int, labels: int) -> int:
+        """One forward of `rows` rows padded to `tokens` positions, each attending to `keys`
+        keys, with `labels` label positions in all."""
+        return rows * tokens * (self.train_token + keys * self.train_key) + labels * self.label
+
+    def generate(self, rows: int, context: int, new_tokens: int) -> int:
+        """One generate call of `rows` rows of `context` positions (prompt and source)."""
+        return rows * ((context + new_tokens) * self.kv_token + context * self.prefill_token
+                       + self.row_logits)
+
+
+def token_costs(dims: Dims, dtype: str, eager_attention: bool = False,
+                checkpointing: bool = False) -> TokenCosts:
+    """The per-token costs of a decoder in `dtype` (see the module docstring)."""
+    b = BYTES[dtype]
+    layer = (SAVED_PER_HIDDEN * dims.hidden + SAVED_PER_INTERMEDIATE * dims.intermediate) * b
+    key = dims.heads * (4 + b) if eager_attention else 0
+    if checkpointing:
+        train_token, train_key = dims.layers * dims.hidden * b + layer, key
+    else:
+        train_token, train_key = dims.layers * layer, dims.layers * key
+    return TokenCosts(train_token=train_token, train_key=train_key,
+                      label=dims.vocab * (b + LOGIT_EXTRA),
+                      kv_token=dims.layers * 2 * dims.kv_heads * dims.head_dim * b,
+                      prefill_token=layer, row_logits=2 * dims.vocab * 4)
+
+
+@dataclass(frozen=True)
+class ForwardLimit:
+    """How much one training forward may hold on one rank."""
+
+    costs: TokenCosts
+    memory: int       # bytes
+    max_tokens: int   # padded row tokens (the throughput cap)
+
+    def fits(self, rows: int, longest: int, prompt_tokens: int, labels: int) -> bool:
+        """Whether `rows` rows padded to `longest` tokens (after a prompt of `prompt_tokens`,
+        computed once per client) with `labels` label tokens fit this forward."""
+        return (rows * longest <= self.max_tokens and
+                self.costs.train(rows, longest, prompt_tokens + longest, labels) <= self.memory)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """A run's budgets per rank, and what they rest on (results.json records them)."""
+
+    memory: int                 # bytes for activations, caches and batches
+    memory_source: str          # where `memory` came from
+    tokens_per_forward: int     # padded row tokens of one training forward (longest rows)
+    clients_in_parallel: int    # K=auto
+    generation_rows: int        # rows per generate call
+    checkpointing: bool
+    forward: ForwardLimit
+
+    def to_dict(self) -> dict:
+        return {"memory_gb": self.memory / GB, "memory_source": self.memory_source,
+                "tokens_per_forward": self.tokens_per_forward,
+                "clients_in_parallel": self.clients_in_parallel,
+                "generation_rows": self.generation_rows,
+                "activation_checkpointing": self.checkpointing}
+
+
+@dataclass(frozen=True)
+class WorkShape:
+    """What sizes a run's budgets: its rows, prompt and generation lengths."""
+
+    batch_size: int         # rows per client per step
+    mean_row: float         # mean source + target tokens of a training row
+    longest_row: int        # the longest training row
+    label_share: float      # the largest share of a row's tokens that are labels
+    prompt_tokens: int
+    longest_context: int    # prompt + the longest source scored
+    new_tokens: int
+    world: int
+
+
+def tokens_fitting(costs: TokenCosts, memory: int, work: WorkShape) -> int:
+    """The most padded tokens of the longest rows that one forward fits in `memory`."""
+    keys = work.prompt_tokens + work.longest_row
+    per_token = costs.train_token + keys * costs.train_key + work.label_share * costs.label
+    return int(memory // per_token) if per_token else 0
+
+
+def budgets(dims: Dims, dtype: str, eager_attention: bool, memory: int, device: str,
+            work: WorkShape, checkpointing: str = "auto", memory_source: str = "",
+            generation_rows: int | None = None) -> Budgets:
+    """The run's budgets on one rank of `device` ("cpu" or "cuda") with `memory` bytes.
+
+    checkpointing: "on", "off", or "auto": on only when one longest row does not fit without
+    it (it recomputes every layer in the backward pass, about a third more compute).
+    generation_rows: the user's cap (`--eval-batch-size`), else the device's.
+    """
+    plain = token_costs(dims, dtype, eager_attention)
+    ckpt = token_costs(dims, dtype, eager_attention, checkpointing=True)
+    use = {"on": True, "off": False}.get(
+        checkpointing, tokens_fitting(plain, memory, work) < work.longest_row)
+    costs = ckpt if use else plain
+    cap = TOKENS_PER_FORWARD_CAP[device]
+    tokens = min(cap, tokens_fitting(costs, memory, work))
+    k = max(1, int(max(tokens, work.longest_row) * work.world
+                   // (work.batch_size * max(1.0, work.mean_row))))
+    row = costs.generate(1, work.longest_context, work.new_tokens)
+    rows = max(1, min(generation_rows or GENERATION_ROWS_CAP[device], memory // max(1, row)))
+    return Budgets(memory=memory, memory_source=memory_source,
+                   tokens_per_forward=max(tokens, work.longest_row), clients_in_parallel=k,
+                   generation_rows=rows, checkpointing=use,
+                   forward=ForwardLimit(costs, memory, max(tokens, work.longest_row)))
+
+
+def free_memory(device: str, budget_gb: float | None = None) -> tuple[int, str]:
+    """Bytes a rank may plan to use now, and a note of where the figure came from.
+
+    `budget_gb` (`--memory-budget`) wins. Otherwise a share of what is free: on a GPU,
+    `torch.cuda.mem_get_info` less a reserve; on a CPU, the kernel's MemAvailable shared by the
+    ranks on this machine.
+    """
+    if budget_gb is not None:
+        return int(budget_gb * GB), f"--memory-budget {budget_gb:g}"
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return usable_gpu_memory(free), (f"{FREE_FRACTION['cuda']:.0%} of the GPU's free "
+                                         f"{free / GB:.1f} GB less {CUDA_RESERVE / GB:g} GB")
+    available = _mem_available()
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+    share = int(FREE_FRACTION["cpu"] * available / ranks)
+    return share, (f"{FREE_FRACTION['cpu']:.0%} of the available {available / GB:.1f} GB RAM"
+                   + (f" / {ranks} ranks" if ranks > 1 else ""))
+
+
+def usable_gpu_memory(free: int) -> int:
+    """Of `free` bytes on a GPU, what a run plans to use (`profit-ds plan` asks the same)."""
+    return max(0, int(FREE_FRACTION["cuda"] * free) - CUDA_RESERVE)
+
+
+def _mem_available() -> int:
+    """The kernel's estimate of memory available to new work (MemAvailable)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def work_shape(train_rows: Sequence[tuple[int, int]], eval_sources: Sequence[int],
+               batch_size: int, prompt_tokens: int, new_tokens: int, world: int) -> WorkShape:
+    """A WorkShape from the data: (source, target) token counts of every training row and the
+    source token counts of every scored example."""
+    lengths = [s + t for s, t in train_rows] or [1]
+    shares = [t / (s + t) for s, t in train_rows if s + t] or [1.0]
+    return WorkShape(batch_size=batch_size, mean_row=sum(lengths) / len(lengths),
+                     longest_row=max(lengths), label_share=max(shares),
+                     prompt_tokens=prompt_tokens,
+                     longest_context=prompt_tokens + max(eval_sources, default=1),
+                     new_tokens=new_tokens, world=world)
