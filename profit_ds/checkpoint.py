@@ -5,9 +5,11 @@ written after every round and after every finished personalization group. RNG st
 saving: every random choice (client sampling, shuffles) is drawn from a generator keyed by
 (seed, round, client, epoch), so a resumed run draws exactly what an uninterrupted one would.
 
-Files are safetensors (no pickle) written atomically; the metadata carries a SHA-256 of the
-tensor bytes, the config hash and the data manifest hash. A corrupted or truncated checkpoint
-is reported and the previous good one is used.
+Files are safetensors (no pickle) written atomically; the metadata carries the round, the
+finished state (JSON), the config hash and the data manifest hash, and a SHA-256 over all of
+them and every tensor's bytes: whatever a resume trusts is verified. A corrupted, truncated or
+edited checkpoint is reported and the previous good one is used; if none is left, the resume
+is refused.
 """
 from __future__ import annotations
 
@@ -33,11 +35,16 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 of every metadata field (but the digest itself) and every tensor, each with
+    its name, dtype and shape."""
+    h = hashlib.sha256(b"profit-ds checkpoint v2\0")
+    for key in sorted(k for k in meta if k != "sha256"):
+        h.update(f"{key}\0{meta[key]}\0".encode())
     for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -56,7 +63,8 @@ def save(directory: Path, ckpt: Checkpoint, cfg_hash: str, manifest_hash: str) -
     seq = 1 + max((_seq(p) for p in directory.glob("ckpt-*.safetensors")), default=0)
     path = directory / f"ckpt-{seq:06d}.safetensors"
     meta = {"round": str(ckpt.round), "config_hash": cfg_hash, "manifest_hash": manifest_hash,
-            "state": json.dumps(ckpt.state), "sha256": _tensor_digest(ckpt.tensors)}
+            "state": json.dumps(ckpt.state, allow_nan=False)}
+    meta["sha256"] = _digest(ckpt.tensors, meta)
     io.write_tensors(path, ckpt.tensors, meta)
     for old in sorted(directory.glob("ckpt-*.safetensors"), key=_seq)[:-KEEP]:
         old.unlink(missing_ok=True)
@@ -71,8 +79,8 @@ def _read(path: Path) -> tuple[Checkpoint, dict]:
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if _tensor_digest(tensors) != meta.get("sha256"):
-        raise ValueError("tensor hash mismatch")
+    if _digest(tensors, meta) != meta.get("sha256"):
+        raise ValueError("its SHA-256 does not match its content")
     return Checkpoint(int(meta["round"]), tensors, json.loads(meta["state"])), meta
 
 
@@ -81,9 +89,14 @@ def load_latest(directory: Path, cfg_hash: str, manifest_hash: str,
     """The newest valid checkpoint, falling back past corrupted ones; None if there is none.
 
     A valid checkpoint of another config or data is refused: resuming it would silently mix
-    two experiments.
+    two experiments. So is a resume with checkpoints none of which verifies, and one whose
+    checkpoints are all gone while the run had started (it would restart silently).
     """
-    for path in sorted(directory.glob("ckpt-*.safetensors"), key=_seq, reverse=True):
+    paths = sorted(directory.glob("ckpt-*.safetensors"), key=_seq, reverse=True)
+    if not paths:
+        raise UsageError(f"--resume: no checkpoint in {directory} (deleted?); pass --overwrite "
+                         "to start the run over")
+    for path in paths:
         try:
             ckpt, meta = _read(path)
         except Exception as err:  # truncated header, bad JSON, hash mismatch: all "corrupted"
@@ -97,4 +110,5 @@ def load_latest(directory: Path, cfg_hash: str, manifest_hash: str,
             raise UsageError(f"--resume: {path} was written with different data "
                              "(the partition manifest hash differs)")
         return ckpt
-    return None
+    raise UsageError(f"--resume: no checkpoint in {directory} verifies (all corrupted or "
+                     "edited); pass --overwrite to start the run over")

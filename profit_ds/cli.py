@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
 import sys
 import typing
 import warnings
@@ -20,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 
 from profit_ds.config import FIELDS, REAL_MODEL_DEFAULTS, field_default, field_type
-from profit_ds.errors import UsageError, explain
+from profit_ds.errors import Terminated, UsageError, explain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated prompt tuning benchmark (Profit) on a frozen ZeRO-3 backbone.")
@@ -121,6 +122,10 @@ def _launcher_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """The parser's usage-error classes: Typer's own (it vendors click since 0.22) and
     click's, for older Typer versions."""
@@ -147,8 +152,9 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("PROFIT_DS_DEBUG") == "1"
     sys.argv = _launcher_rank([a for a in sys.argv if a != "--debug"])
     quiet_libraries()
-    _register()
+    signal.signal(signal.SIGTERM, _terminated)
     try:
+        _register()
         # without standalone mode, click returns a command's typer.Exit code instead of exiting
         code = app(standalone_mode=False)
     except UsageError as err:
@@ -159,9 +165,9 @@ def main() -> None:
     except (typer.Exit, SystemExit) as stop:
         code = getattr(stop, "exit_code", getattr(stop, "code", 0))
         sys.exit(code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM before a command could say more
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(stop, "exit_code", 130))
     except Exception as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # `profit-ds` alone: its help, exit 0
             print(err.ctx.get_help())

@@ -130,12 +130,18 @@ DATA_FIELDS = ("data", "heterogeneity", "num_clients", "validation_fraction", "t
                "clients_per_round", "seed")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # prompts and their steps are fp32
+
+
 def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"--{name.replace('_', '-')} must be a finite number "
                          f"{'>= 0' if allow_zero else '> 0'}, got {value}")
+    if isinstance(value, float) and value > FLOAT32_MAX:
+        raise UsageError(f"--{name.replace('_', '-')} {value:g}: larger than float32 holds "
+                         f"({FLOAT32_MAX:.3g})")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -167,8 +173,12 @@ def validate(cfg: RunConfig) -> None:
         _positive(name, getattr(cfg, name), allow_zero=True)
     if not cfg.personalize_lrs:
         raise UsageError("--personalize-lrs: give at least one learning rate")
-    for lr in cfg.personalize_lrs:
+    for i, lr in enumerate(cfg.personalize_lrs):
         _positive("personalize_lrs", lr, allow_zero=True)
+        if lr in cfg.personalize_lrs[:i]:
+            raise UsageError(f"--personalize-lrs: {lr:g} appears twice")
+    if not -2**63 <= cfg.seed < 2**63:
+        raise UsageError(f"--seed {cfg.seed}: must be an integer in [-2^63, 2^63)")
     if cfg.clients_in_parallel != "auto":
         try:
             k = int(cfg.clients_in_parallel)
@@ -244,6 +254,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of option names to values")
     known = {f.name for f in fields(RunConfig)}
+    for k in data:
+        if not isinstance(k, str):  # YAML reads yes/no/on/off/true (and numbers) unquoted
+            raise UsageError(f"--config {path}: key {k!r} is not an option name (YAML reads an "
+                             "unquoted yes, no, on, off or number as a value; quote it)")
     normalized = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(normalized) - known)
     if unknown:

@@ -7,9 +7,11 @@ launcher would set.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -64,6 +66,7 @@ def setup() -> None:
         os.close(fd)
         os.unlink(store)
         init_method = f"file://{store}"
+        atexit.register(lambda: Path(store).unlink(missing_ok=True))  # leave no file behind
     deepspeed.init_distributed(dist_backend=backend, verbose=False, init_method=init_method,
                                rank=int(os.environ["RANK"]),
                                world_size=int(os.environ["WORLD_SIZE"]))
@@ -147,6 +150,15 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
     for t in tensors:
         t.copy_(flat[offset: offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_true(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (each rank learns the same answer)."""
+    if world() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def gather_lists(items: list) -> list:

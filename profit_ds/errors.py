@@ -19,6 +19,13 @@ class UsageError(Exception):
     """A problem with the user's input: reported as one line, exit code 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how clusters pre-empt a job), handled as Ctrl-C is: a checkpointed run says how
+    to resume, and the exit code is 143 (128 + SIGTERM)."""
+
+    exit_code = 143
+
+
 def explain(err: BaseException) -> str | None:
     """A one-line message for an environmental failure the user can fix, or None."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:

@@ -46,12 +46,24 @@ from profit_ds.model.backbone import resolve_path
 FORMAT_FILE = "profit_ds_format.json"
 
 
+def client_file(run_dir: Path, client: str) -> str:
+    """The file of `client`'s prompts: by the run's clients/index.json (names from the data
+    are not file names: profit_ds.names), or its name for runs made before the index."""
+    index = run_dir / "clients" / "index.json"
+    if index.is_file():
+        files = json.loads(index.read_text(encoding="utf-8"))
+        if client not in files:
+            raise UsageError(f"--client {client}: not a client of {run_dir} (see {index})")
+        return files[client]
+    return f"{client}.safetensors"
+
+
 def read_prompt(run_dir: Path, client: str | None, lr: float | None) -> torch.Tensor:
     """The global prompt, or `client`'s personalized prompt at `lr` (its only one if omitted)."""
     if client is None:
         path, key = run_dir / "global_prompt.safetensors", "prompt"
     else:
-        path, key = run_dir / "clients" / f"{client}.safetensors", None
+        path, key = run_dir / "clients" / client_file(run_dir, client), None
     if not path.is_file():
         raise UsageError(f"{path}: no such file (is {run_dir} a finished run?)")
     with safe_open(path, "pt") as f:

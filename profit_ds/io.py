@@ -6,6 +6,7 @@ mkstemp's 0600: collaborators on a shared cluster must be able to read results.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -52,10 +53,19 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    """Strict JSON: a NaN or infinity is a bug to surface here, not a file others can't read."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> None:
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(contiguous, tmp, metadata=metadata)
+        except Exception as err:  # safetensors reports a full disk in its own exception type
+            if "os error 28" in str(err) or "No space left" in str(err):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise
+    _atomic(path, write)

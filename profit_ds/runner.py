@@ -26,6 +26,7 @@ from profit_ds.evaluation.generate import evaluate
 from profit_ds.evaluation.predictions import DIRECTORY as PREDICTIONS
 from profit_ds.evaluation.predictions import PredictionFiles, set_lines
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
+from profit_ds.fl.divergence import Diverged
 from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize, summarize
 from profit_ds.fl.rounds import RoundSpec, federated_round
@@ -34,9 +35,13 @@ from profit_ds.model.aliases import resolve_model
 from profit_ds.memory import Budgets, Dims, free_memory, work_shape
 from profit_ds.memory import budgets as memory_budgets
 from profit_ds.model.backbone import DTYPES, Backbone, init_prompt, load_backbone
+from profit_ds.names import file_stems
+from profit_ds.run_lock import held_by_this_run
 from profit_ds.report import Reporter
 
 CHECKPOINTS = "checkpoints"
+CLIENTS = "clients"  # personalized prompts: one file per client, named by names.file_stems
+CLIENT_INDEX = "index.json"  # client name -> its file in CLIENTS
 RUN_LOG = "run.log"  # progress lines, warnings and the final tables, timestamped
 
 
@@ -192,23 +197,28 @@ class Progress:
     client_prompts: dict[str, dict[float, torch.Tensor]] = field(default_factory=dict)
 
     def to_checkpoint(self) -> checkpoint.Checkpoint:
+        """Tensors keyed by safe stems (a client's name comes from the data: `names`), the
+        stems' names in the state."""
         tensors = {"prompt": self.prompt, **{f"server/{k}": v
                                              for k, v in self.server.tensors().items()}}
+        stems = file_stems(self.client_prompts)
         for name, by_lr in self.client_prompts.items():
-            tensors.update({f"client/{name}/{lr!r}": p for lr, p in by_lr.items()})
+            tensors.update({f"client/{stems[name]}/{lr!r}": p for lr, p in by_lr.items()})
         state = {"server_step": self.server.step, "rounds": self.rounds,
                  "backbone": self.backbone, "initial": self.initial,
-                 "federated": self.federated, "records": self.records}
+                 "federated": self.federated, "records": self.records,
+                 "client_stems": {stem: name for name, stem in stems.items()}}
         return checkpoint.Checkpoint(self.round, tensors, state)
 
     @classmethod
     def from_checkpoint(cls, ckpt: checkpoint.Checkpoint) -> "Progress":
         t, st = ckpt.tensors, ckpt.state
+        names = st.get("client_stems", {})
         prompts: dict[str, dict[float, torch.Tensor]] = {}
         for key, value in t.items():
             if key.startswith("client/"):
-                _, name, lr = key.split("/", 2)
-                prompts.setdefault(name, {})[float(lr)] = value
+                _, stem, lr = key.split("/", 2)
+                prompts.setdefault(names.get(stem, stem), {})[float(lr)] = value
         server = ServerState(st["server_step"], t.get("server/m"), t.get("server/v"))
         return cls(t["prompt"], server, ckpt.round, st["rounds"], st.get("backbone"),
                    st["initial"], st["federated"], st["records"], prompts)
@@ -225,9 +235,18 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
     (results are identical: nothing here changes the backbone). It must have been loaded with
     `cfg`'s model, dtype, ds_config and trust_remote_code; name and dtype are checked.
     """
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out}: exists and is not a directory")
+    resolve_model(cfg.model)  # a bad --model fails now, not after the data is loaded
+    with held_by_this_run(out):
+        return _run(cfg, backbone)
+
+
+def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
+    """`run` in an output directory this run holds."""
     t0 = time.perf_counter()
     out = prepare_output(cfg)
-    resolve_model(cfg.model)  # a bad --model fails now, not after the data is loaded
     main = distributed.is_main()
     if main and not cfg.resume:  # a fresh run (or --overwrite): a fresh log
         (out / RUN_LOG).unlink(missing_ok=True)
@@ -305,9 +324,21 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
         advance(progress.round)
         for r in range(progress.round + 1, cfg.rounds + 1):
             tr = time.perf_counter()
-            progress.prompt, metrics = federated_round(backbone, progress.prompt,
-                                                       progress.server, data.train_clients,
-                                                       spec, r, k_parallel)
+            try:
+                progress.prompt, metrics = federated_round(backbone, progress.prompt,
+                                                           progress.server, data.train_clients,
+                                                           spec, r, k_parallel)
+            except Diverged as diverged:
+                diverged.setting = (f"--algo {cfg.algo} --client-opt {cfg.client_opt} "
+                                    f"--client-lr {cfg.client_lr:g} --server-opt "
+                                    f"{cfg.server_opt} --server-lr {cfg.server_lr:g}")
+                reporter.warn(str(diverged))
+                timing["total_s"] = time.perf_counter() - t0
+                results = _results(cfg, setup, partition, progress, [], timing,
+                                   [diverged.record()])
+                if main:  # a finished run: what it did, and where it stopped
+                    io.write_json(out / "results.json", results)
+                return results
             if cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds) \
                     and len(data.global_validation):
                 val_set = data.global_validation
@@ -363,23 +394,33 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
             done=(progress.records, progress.client_prompts), on_group_done=group_done)
     timing["personalize_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
-
-    results = {"config": cfg.to_dict(), "resolved": setup.resolved(),
-               "data": {"manifest_hash": partition.manifest_hash,
-                        "train_clients": len(data.train_clients),
-                        "validation_clients": len(data.validation_clients),
-                        "test_clients": len(data.test_clients),
-                        "global_test_examples": len(data.global_test),
-                        "truncation": data.truncation},
-               "rounds": progress.rounds, "backbone": progress.backbone,
-               "initial": progress.initial, "global": progress.federated,
-               "personalized": summarize(records),
-               "personalized_clients": sorted(records, key=_record_order(cfg)),
-               "timing": timing, "environment": environment()}
+    diverged = [r["diverged"] for r in records if "diverged" in r]
+    for record in diverged:
+        reporter.warn(f"{record['message']} (left out of the personalization means)")
+    results = _results(cfg, setup, partition, progress, records, timing, diverged)
     if main:
         _write_outputs(out, cfg, progress.prompt, client_prompts, results)
         reporter.results(results, out)
     return results
+
+
+def _results(cfg: RunConfig, setup: Setup, partition: Partition, progress: Progress,
+             records: list[dict], timing: dict, diverged: list[dict]) -> dict:
+    """results.json: the contract's fields (docs in README.md), `diverged` where training or
+    a personalization pair stopped at a non-finite number (fl/divergence.py)."""
+    data = setup.data
+    return {"config": cfg.to_dict(), "resolved": setup.resolved(),
+            "data": {"manifest_hash": partition.manifest_hash,
+                     "train_clients": len(data.train_clients),
+                     "validation_clients": len(data.validation_clients),
+                     "test_clients": len(data.test_clients),
+                     "global_test_examples": len(data.global_test),
+                     "truncation": data.truncation},
+            "rounds": progress.rounds, "backbone": progress.backbone,
+            "initial": progress.initial, "global": progress.federated,
+            "personalized": summarize(records),
+            "personalized_clients": sorted(records, key=_record_order(cfg)),
+            "diverged": diverged, "timing": timing, "environment": environment()}
 
 
 def _budget_line(setup: Setup) -> str:
@@ -402,8 +443,12 @@ def _write_outputs(out: Path, cfg: RunConfig, prompt: torch.Tensor,
     """Final files; results.json last, since its presence marks the run finished."""
     meta = {"model": cfg.model, "prompt_tokens": str(prompt.shape[0])}
     io.write_tensors(out / "global_prompt.safetensors", {"prompt": prompt}, meta)
+    stems = file_stems(client_prompts)
     for name, by_lr in client_prompts.items():
-        io.write_tensors(out / "clients" / f"{name}.safetensors",
+        io.write_tensors(out / CLIENTS / f"{stems[name]}.safetensors",
                          {f"lr={lr:g}": p for lr, p in by_lr.items()},
-                         {**meta, "epochs": str(cfg.personalize_epochs)})
+                         {**meta, "client": name, "epochs": str(cfg.personalize_epochs)})
+    if stems:
+        io.write_json(out / CLIENTS / CLIENT_INDEX,
+                      {name: f"{stem}.safetensors" for name, stem in stems.items()})
     io.write_json(out / "results.json", results)

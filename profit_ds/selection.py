@@ -54,6 +54,8 @@ def flatten(record: dict) -> list[dict]:
     """One row per scored prompt of a personalization record: the personalized prompt
     (alpha 1) and its interpolations (alpha 1's interpolated copy is the same prompt; it is
     kept in the raw records as the identity check, not repeated here)."""
+    if "diverged" in record:  # no scores: the pair stopped at a non-finite step
+        return []
     base = {k: record[k] for k in ("split", "client", "lr", "prox_lambda", "epoch")}
     rows = [{**base, "alpha": 1.0, **{m: record[m] for m in METRICS}}]
     rows += [{**base, **i} for i in record.get("interpolated", []) if i["alpha"] != 1.0]

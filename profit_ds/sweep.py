@@ -300,6 +300,7 @@ def cell_status(directory: Path, cfg: RunConfig) -> str:
     from profit_ds.runner import CHECKPOINTS
 
     want = config_hash(cfg.to_dict())
+    started = any((directory / CHECKPOINTS).glob("ckpt-*.safetensors"))
     for name, status in (("results.json", "finished"), ("config.json", "unfinished")):
         p = directory / name
         if p.exists():
@@ -308,7 +309,10 @@ def cell_status(directory: Path, cfg: RunConfig) -> str:
                 got = config_hash(data["config"] if name == "results.json" else data)
             except (ValueError, KeyError, TypeError):
                 return "conflict"
-            return status if got == want else "conflict"
+            if got != want:
+                return "conflict"
+            # killed before its first checkpoint: nothing to resume, start it anew
+            return "new" if status == "unfinished" and not started else status
     return "conflict" if (directory / CHECKPOINTS).exists() else "new"
 
 
@@ -372,8 +376,16 @@ def run_sweep(plan: SweepPlan, say: Callable[[str], None] = print) -> dict:
     """Run every cell not finished yet, in order; write and return the summary.
 
     `say` prints a progress line (rank 0's Reporter console in the CLI). Every rank calls this
-    with the same plan (the process group already set up).
+    with the same plan (the process group already set up). The sweep holds its output
+    directory (`run_lock`): a second sweep there is refused, as is a second run in a cell.
     """
+    from profit_ds.run_lock import held_by_this_run
+
+    with held_by_this_run(plan.output_dir):
+        return _run_cells(plan, say)
+
+
+def _run_cells(plan: SweepPlan, say: Callable[[str], None]) -> dict:
     import yaml
 
     from profit_ds import distributed, io, runner
@@ -406,8 +418,10 @@ def run_sweep(plan: SweepPlan, say: Callable[[str], None] = print) -> dict:
         say(f"{head}: running" + {"unfinished": " (resuming)",
                                   "conflict": " (replacing a run of another config)"}.get(st, ""))
         t = time.perf_counter()
-        runner.run(cfg, backbone=backbone)
-        say(f"{head}: done in {time.perf_counter() - t:.0f}s")
+        results = runner.run(cfg, backbone=backbone)
+        stopped = "" if results.get("global") is not None else (
+            f" ({results['diverged'][0]['message']}; the sweep goes on)")
+        say(f"{head}: done in {time.perf_counter() - t:.0f}s{stopped}")
 
     distributed.barrier()  # rank 0 has written the last results.json
     summary = summarize(cells, [read_results(c.directory(out)) for c in cells])
@@ -448,11 +462,18 @@ def summarize(cells: Sequence[Cell], results: Sequence[dict]) -> dict:
     rows = []
     for group, members in groups.items():
         first = members[0][0]
+        diverged = [c.seed for c, r in members if r.get("global") is None]
+        members = [(c, r) for c, r in members if r.get("global") is not None]
+        if not members:  # every seed's training diverged: nothing to average
+            rows.append({"group": group, "label": first.label, "setting": first.setting,
+                         "grid": {k: v for k, v in first.grid}, "seeds": [], "n": 0,
+                         "diverged_seeds": diverged})
+            continue
         rs = [r for _, r in members]
         lasts = [_last_epoch_scores(r) for r in rs]
         personalized = []
         for lr in lasts[0]:
-            rows_lr = [last[lr] for last in lasts]
+            rows_lr = [last[lr] for last in lasts if lr in last]
             personalized.append({
                 "lr": lr, "epoch": rows_lr[0]["epoch"],
                 "local_rouge_l": stat([r["local_rouge_l"] for r in rows_lr]),
@@ -460,7 +481,7 @@ def summarize(cells: Sequence[Cell], results: Sequence[dict]) -> dict:
         rows.append({
             "group": group, "label": first.label, "setting": first.setting,
             "grid": {k: v for k, v in first.grid}, "seeds": [c.seed for c, _ in members],
-            "n": len(members),
+            "n": len(members), "diverged_seeds": diverged,
             "initial_local_rouge_l": stat([r["initial"]["local_rouge_l"] for r in rs]),
             "initial_global_rouge_l": stat([r["initial"]["global_rouge_l"] for r in rs]),
             "federated_local_rouge_l": stat([r["global"]["local_rouge_l"] for r in rs]),
@@ -491,6 +512,11 @@ def summary_table(summary: dict):
                          ("local ROUGE-L", "right"), ("global ROUGE-L", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for row in summary["groups"]:
+        if not row["n"]:
+            table.add_row(row["label"], "0", "diverged (seeds "
+                          f"{', '.join(map(str, row['diverged_seeds']))})", "", "",
+                          end_section=True)
+            continue
         lines = [(name, row[f"{name}_local_rouge_l"], row[f"{name}_global_rouge_l"])
                  for name in ("initial", "federated")]
         lines += [(f"lr={p['lr']:g}, epoch {p['epoch']}", p["local_rouge_l"],
@@ -510,6 +536,8 @@ def summary_csv(summary: dict) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["group", "setting", *keys, "seeds", "metric", "lr", "epoch", "mean", "std"])
     for row in summary["groups"]:
+        if not row["n"]:  # every seed diverged: no numbers to write
+            continue
         head = [row["group"], row["setting"] or "", *(fmt(row["grid"][k]) for k in keys),
                 row["n"]]
         lines = [(key, row[key], "", "") for key in METRICS]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import UNTRAINED, flags
 from profit_ds import checkpoint
+from profit_ds.errors import UsageError
 
 ROUNDS = 4
 
@@ -118,8 +119,36 @@ def test_flipped_byte_is_detected_by_hash(tmp_path):
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
     warnings = []
-    assert checkpoint.load_latest(d, "cfg", "data", warn=warnings.append) is None
-    assert "hash" in warnings[0]
+    with pytest.raises(UsageError, match="verifies"):
+        checkpoint.load_latest(d, "cfg", "data", warn=warnings.append)
+    assert "SHA-256" in warnings[0]
+
+
+@pytest.mark.parametrize("field, value", [("round", "7"), ("state", '{"rounds": [9]}'),
+                                          ("config_hash", "other")])
+def test_edited_metadata_is_detected_by_hash(tmp_path, field, value):
+    """The round, the finished state and the hashes are covered by the digest too: editing
+    any of them in place (same tensors) is refused, not resumed from."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "ck"
+    checkpoint.save(d, checkpoint.Checkpoint(3, {"prompt": torch.ones(4)}, {"rounds": [3]}),
+                    "cfg", "data")
+    path = next(d.glob("ckpt-*.safetensors"))
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(path), path, metadata={**meta, field: value})
+    warnings = []
+    with pytest.raises(UsageError, match="verifies"):
+        checkpoint.load_latest(d, "cfg", "data", warn=warnings.append)
+    assert "does not match" in warnings[0]
+
+
+def test_resume_without_any_checkpoint_is_refused(tmp_path):
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(UsageError, match="no checkpoint"):
+        checkpoint.load_latest(tmp_path / "ck", "cfg", "data")
 
 
 def test_resume_with_other_config_is_refused(tiny_model_dir, tmp_path):

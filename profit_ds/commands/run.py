@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import fields
@@ -11,6 +12,7 @@ import typer
 
 from profit_ds.cli import app, config_options
 from profit_ds.config import RunConfig, resolve
+from profit_ds.errors import Terminated, UsageError
 
 
 def launch_local_ranks(num_procs: int) -> int:
@@ -34,7 +36,14 @@ def launch_local_ranks(num_procs: int) -> int:
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         quiet = {} if r == 0 else {"stdout": subprocess.DEVNULL}
         procs.append(subprocess.Popen([sys.executable, "-m", "profit_ds", *argv], env=env, **quiet))
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt as stop:  # pass Ctrl-C / SIGTERM on to the ranks, let them stop
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        codes = [p.wait() for p in procs]
+        raise typer.Exit(getattr(stop, "exit_code", 130)) from None
     return max(codes, key=abs)
 
 
@@ -53,9 +62,12 @@ def run(overrides: dict,
     from profit_ds.runner import run as run_pipeline
 
     try:
-        run_pipeline(cfg)
-    except KeyboardInterrupt:
+        results = run_pipeline(cfg)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (errors.Terminated)
         # checkpoints are written after every round and personalization group
         print(f"interrupted; continue with: profit-ds run --resume --output-dir {cfg.output_dir}",
               file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise typer.Exit(getattr(stop, "exit_code", 130)) from None
+    if results.get("global") is None and results.get("diverged"):
+        raise UsageError(f"{results['diverged'][0]['message']}; recorded in "
+                         f"{cfg.output_dir}/results.json (lower the learning rate)")

@@ -58,10 +58,10 @@ def sweep(
 
     try:
         summary = sw.run_sweep(plan, say)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (errors.Terminated)
         print("interrupted; run the same command again to continue (finished cells are "
               "skipped, the unfinished one resumes)", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
     if reporter.enabled:
         console = Console()
         console.print(sw.summary_table(summary))

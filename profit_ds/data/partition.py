@@ -281,7 +281,9 @@ def build_partition(tasks: list[Task], spec: PartitionSpec = PartitionSpec(),
                                  "categories": dict(sorted(Counter(
                                      e.category for e in examples).items())),
                                  "train": [e.id for e in client.train],
-                                 "test": [e.id for e in client.test]})
+                                 "test": [e.id for e in client.test],
+                                 "sha256": _text_digest(client.train + client.test)})
+    _check_unique_ids(clients)
     global_test: list[Example] = [e for c in clients["test"] for e in c.test]
     global_validation: list[Example] = [e for c in clients["validation"] for e in c.test]
     manifest = {"spec": asdict(spec), "format": asdict(fmt), "clients": manifest_clients}
@@ -290,6 +292,29 @@ def build_partition(tasks: list[Task], spec: PartitionSpec = PartitionSpec(),
                      test_clients=clients["test"], global_test=global_test,
                      global_validation=global_validation, manifest=manifest,
                      manifest_hash=digest)
+
+
+def _check_unique_ids(clients: dict[str, list[Client]]) -> None:
+    """Instance ids name examples in the manifest and the predictions files: two examples
+    with one id would be one example there."""
+    seen: dict[str, str] = {}
+    for group in clients.values():
+        for c in group:
+            for e in c.train + c.test:
+                if e.id in seen:
+                    raise UsageError(f"--data: instance id {e.id!r} appears twice (tasks "
+                                     f"{seen[e.id]} and {e.task}); ids must be unique")
+                seen[e.id] = e.task
+
+
+def _text_digest(examples: list[Example]) -> str:
+    """SHA-256 of the examples' text as the model sees it (id, source, references): in the
+    manifest, so its hash, which a resume checks, changes when the data's text does."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.source, list(e.references)]).encode("utf-8",
+                                                                        "surrogatepass"))
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- statistics

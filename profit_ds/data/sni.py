@@ -191,6 +191,10 @@ def parse_task_file(path: Path) -> tuple[dict, dict[str, list]]:
                          f"{err.msg})") from None
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not UTF-8 text ({err.reason})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: JSON nested too deep to be an SNI task file") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror})") from None
     if not isinstance(record, dict):
         raise UsageError(f"{path}: expected a JSON object with SNI task fields")
     name = path.stem
@@ -311,7 +315,12 @@ def load_sni_directory(path: Path, languages: Sequence[str] | None = ("English",
     Tasks come back sorted by name; their `instances` are lazy Arrow views (see module doc).
     """
     layout = _layout(Path(path))
-    files = {p.stem: p for p in layout.tasks_dir.glob("*.json")}
+    files = {p.stem: p for p in sorted(layout.tasks_dir.glob("*.json"))}
+    for p in files.values():
+        if not p.is_file():  # False for a dangling symlink, a symlink loop, a directory
+            what = ("a directory" if p.is_dir() else "a symlink to nothing readable"
+                    if p.is_symlink() else "not a regular file")
+            raise UsageError(f"--data {path}: {p} is {what}, not a task file")
     if not files:
         raise UsageError(f"--data {path}: no task *.json files in {layout.tasks_dir}")
     names = selected_task_names(layout, set(files), task_split)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from profit_ds.fl.clients import ClientData, EvalSet, local_batches
+from profit_ds.fl.divergence import Diverged, finite_rows
 from profit_ds.fl.local import run_local_steps
 from profit_ds.fl.optim import ClientOptimizer, init_client_state
 from profit_ds.fl.rounds import chunks
@@ -62,34 +63,63 @@ def personalize(backbone: Backbone, prompt: torch.Tensor, clients: Sequence[Clie
         state = init_client_state(spec.opt, bank)
         penalty = (lambda b: spec.prox_lambda * (b - prompt)) if spec.prox_lambda else None
         lr = torch.tensor([lr for _, lr in group], dtype=torch.float32)
+        alive = [True] * len(group)
         for epoch in range(1, spec.epochs + 1):
             schedules = [[[c.train[i] for i in batch] for batch in local_batches(
                 c.num_examples, 1, spec.batch_size,
-                f"{spec.seed}/personalize/{c.name}/lr{lr_}/epoch{epoch}")] for c, lr_ in group]
+                f"{spec.seed}/personalize/{c.name}/lr{lr_}/epoch{epoch}")] if alive[k] else []
+                for k, (c, lr_) in enumerate(group)]
+            before = bank
             bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules,
                                            grad_penalty=penalty)
-            scored = interpolate(bank, prompt, spec.alphas)
-            owners = list(group) * (1 + len(spec.alphas))
-            requests = [(r, c.test) for r, (c, _) in enumerate(owners)]
-            requests += [(r, global_test) for r in range(len(owners))]
-            tags = [{"client": c.name, "lr": lr_, "epoch": epoch, "set": which,
-                     **({"alpha": ([1.0] + list(spec.alphas))[r // len(group)]}
-                        if spec.alphas else {})}
-                    for which in ("local", "global") for r, (c, lr_) in enumerate(owners)]
-            scores = evaluate(scored, requests, tags)
+            ok = finite_rows(bank, losses.unsqueeze(1))
             for k, (c, lr_) in enumerate(group):
+                if alive[k] and not ok[k]:  # it stops here, keeping its last finite prompt
+                    alive[k] = False
+                    why = Diverged("personalization", "non-finite loss or prompt",
+                                   client=c.name, setting=f"lr {lr_:g}, epoch {epoch}")
+                    records.append({"client": c.name, "lr": lr_, "epoch": epoch,
+                                    "diverged": why.record()})
+            bank = torch.where(ok.view(-1, *(1,) * (bank.dim() - 1)), bank, before)
+            live = [k for k in range(len(group)) if alive[k]]
+            if not live:
+                continue
+            scores = _score(evaluate, bank.index_select(0, torch.tensor(live)), prompt,
+                            [group[k] for k in live], global_test, spec.alphas, epoch)
+            for j, k in enumerate(live):
+                c, lr_ = group[k]
                 record = {"client": c.name, "lr": lr_, "epoch": epoch,
-                          "train_loss": float(losses[k]), **_row_scores(scores, len(owners), k)}
-                if spec.alphas:
-                    record["interpolated"] = [
-                        {"alpha": a, **_row_scores(scores, len(owners), (j + 1) * len(group) + k)}
-                        for j, a in enumerate(spec.alphas)]
+                          "train_loss": float(losses[k]), **scores[j]}
                 records.append(record)
         for k, (c, lr_) in enumerate(group):
             prompts[c.name][lr_] = bank[k].clone()
         if on_group_done:
             on_group_done(records, prompts)
     return records, prompts
+
+
+def _score(evaluate: Evaluator, bank: torch.Tensor, prompt: torch.Tensor,
+           pairs: Sequence[tuple[ClientData, float]], global_test: EvalSet,
+           alphas: Sequence[float], epoch: int) -> list[dict]:
+    """Each pair's scores after `epoch` (bank row k is pairs[k]'s prompt): on its local test
+    set and the global one, and with `alphas` its interpolations, all in shared batches."""
+    scored = interpolate(bank, prompt, alphas)
+    owners = list(pairs) * (1 + len(alphas))
+    requests = [(r, c.test) for r, (c, _) in enumerate(owners)]
+    requests += [(r, global_test) for r in range(len(owners))]
+    tags = [{"client": c.name, "lr": lr, "epoch": epoch, "set": which,
+             **({"alpha": ([1.0] + list(alphas))[r // len(pairs)]} if alphas else {})}
+            for which in ("local", "global") for r, (c, lr) in enumerate(owners)]
+    scores = evaluate(scored, requests, tags)
+    out = []
+    for k in range(len(pairs)):
+        row = _row_scores(scores, len(owners), k)
+        if alphas:
+            row["interpolated"] = [
+                {"alpha": a, **_row_scores(scores, len(owners), (j + 1) * len(pairs) + k)}
+                for j, a in enumerate(alphas)]
+        out.append(row)
+    return out
 
 
 def interpolate(bank: torch.Tensor, prompt: torch.Tensor, alphas: Sequence[float]
@@ -110,12 +140,14 @@ def _row_scores(scores: Sequence[dict], rows: int, r: int) -> dict:
 
 
 def summarize(records: Sequence[dict]) -> list[dict]:
-    """Mean over clients for each (lr, epoch): the contract's `personalized` entries."""
-    keys = sorted({(r["lr"], r["epoch"]) for r in records})
+    """Mean over clients for each (lr, epoch): the contract's `personalized` entries. A pair
+    that diverged is left out from its epoch on (results.json lists it under `diverged`)."""
+    scored = [r for r in records if "diverged" not in r]
+    keys = sorted({(r["lr"], r["epoch"]) for r in scored})
     out = []
     for lr, epoch in keys:
-        rows = [r for r in records if r["lr"] == lr and r["epoch"] == epoch]
-        out.append({"lr": lr, "epoch": epoch,
+        rows = [r for r in scored if r["lr"] == lr and r["epoch"] == epoch]
+        out.append({"lr": lr, "epoch": epoch, "clients": len(rows),
                     **{m: sum(r[m] for r in rows) / len(rows)
                        for m in ("local_rouge_l", "global_rouge_l", "local_exact_match",
                                  "global_exact_match", "train_loss")}})

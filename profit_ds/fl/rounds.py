@@ -11,6 +11,7 @@ Clients are processed `k_parallel` at a time in one prompt bank; the result does
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from profit_ds.fl.clients import ClientData, local_batches
+from profit_ds.fl.divergence import Diverged, finite_rows
 from profit_ds.fl.gradients import mean_loss_gradients
 from profit_ds.fl.local import run_local_steps
 from profit_ds.fl.optim import ClientOptimizer, init_client_state
@@ -90,10 +92,17 @@ def federated_round(backbone: Backbone, prompt: torch.Tensor, state: ServerState
     clients = [train_clients[i] for i in picked]
     directions, losses = client_updates(backbone, prompt, clients, spec, round_idx, k_parallel,
                                         after_step)
+    ok = finite_rows(losses.unsqueeze(1), directions)
+    if not ok.all():
+        bad = clients[int((~ok).nonzero()[0])]
+        raise Diverged("federated training", "non-finite loss or update", round_idx, bad.name)
     weights = [c.num_examples for c in clients]
     delta = aggregate(directions, weights)
     new_prompt = server_update(spec.server_opt, prompt, delta, state)
+    update_norm = float(delta.norm())  # in the prompts' fp32: overflows where they would
+    if not (finite_rows(new_prompt.unsqueeze(0)).all() and math.isfinite(update_norm)):
+        raise Diverged("federated training", "the aggregated update or the server step is not "
+                       "finite (overflow)", round_idx)
     train_loss = float((torch.tensor(weights, dtype=torch.float32) * losses).sum() / sum(weights))
     return new_prompt, {"round": round_idx, "train_loss": train_loss,
-                        "clients": [c.name for c in clients],
-                        "update_norm": float(delta.norm())}
+                        "clients": [c.name for c in clients], "update_norm": update_norm}

@@ -186,10 +186,23 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 
 @contextlib.contextmanager
 def _load_errors(name: str, path: str):
-    """A model that cannot be fetched or read is a usage error naming `--model`, with a login
-    hint for a gated hub model."""
+    """A model that cannot be fetched or read is a usage error naming `--model`: with a login
+    hint for a gated hub model; for weights stored as a pickle, which torch refuses to
+    unpickle beyond plain tensors (`weights_only`: none of the file's code ran); for a model
+    whose repository ships its own code, which runs only with --trust-remote-code."""
+    import pickle
+
     try:
         yield
+    except pickle.UnpicklingError:
+        raise UsageError(f"--model {name}: its weights are a pickle holding more than tensors, "
+                         "which torch refuses to load (weights_only; none of its code ran); "
+                         "use a safetensors copy of the model") from None
+    except ValueError as err:  # transformers' word for a folder it cannot make a model of
+        if "trust_remote_code" in str(err):
+            raise UsageError(f"--model {name}: the model's repository runs its own code; pass "
+                             "--trust-remote-code if you trust it") from None
+        raise UsageError(f"--model {name}: cannot load ({str(err).splitlines()[0]})") from None
     except OSError as err:
         hint = gated_hint(path, err)
         raise UsageError(hint or f"--model {name}: cannot load ({str(err).splitlines()[0]})"
