@@ -482,6 +482,9 @@ def summarize(cells: Sequence[Cell], results: Sequence[dict]) -> dict:
             "group": group, "label": first.label, "setting": first.setting,
             "grid": {k: v for k, v in first.grid}, "seeds": [c.seed for c, _ in members],
             "n": len(members), "diverged_seeds": diverged,
+            **({"backbone_local_rouge_l": stat([r["backbone"]["local_rouge_l"] for r in rs]),
+                "backbone_global_rouge_l": stat([r["backbone"]["global_rouge_l"] for r in rs])}
+               if all(r.get("backbone") for r in rs) else {}),
             "initial_local_rouge_l": stat([r["initial"]["local_rouge_l"] for r in rs]),
             "initial_global_rouge_l": stat([r["initial"]["global_rouge_l"] for r in rs]),
             "federated_local_rouge_l": stat([r["global"]["local_rouge_l"] for r in rs]),
@@ -491,8 +494,8 @@ def summarize(cells: Sequence[Cell], results: Sequence[dict]) -> dict:
                       "(n - 1) over seeds", "groups": rows}
 
 
-METRICS = ("initial_local_rouge_l", "initial_global_rouge_l",
-           "federated_local_rouge_l", "federated_global_rouge_l")
+METRICS = ("backbone_local_rouge_l", "backbone_global_rouge_l", "initial_local_rouge_l",
+           "initial_global_rouge_l", "federated_local_rouge_l", "federated_global_rouge_l")
 
 
 def mean_std(s: dict) -> str:
@@ -518,7 +521,8 @@ def summary_table(summary: dict):
                           end_section=True)
             continue
         lines = [(name, row[f"{name}_local_rouge_l"], row[f"{name}_global_rouge_l"])
-                 for name in ("initial", "federated")]
+                 for name in ("backbone", "initial", "federated")
+                 if f"{name}_local_rouge_l" in row]
         lines += [(f"lr={p['lr']:g}, epoch {p['epoch']}", p["local_rouge_l"],
                    p["global_rouge_l"]) for p in row["personalized"]]
         for i, (name, local, glob) in enumerate(lines):
@@ -540,7 +544,7 @@ def summary_csv(summary: dict) -> str:
             continue
         head = [row["group"], row["setting"] or "", *(fmt(row["grid"][k]) for k in keys),
                 row["n"]]
-        lines = [(key, row[key], "", "") for key in METRICS]
+        lines = [(key, row[key], "", "") for key in METRICS if key in row]
         for p in row["personalized"]:
             lines += [(f"personalized_{m}", p[m], p["lr"], p["epoch"])
                       for m in ("local_rouge_l", "global_rouge_l")]

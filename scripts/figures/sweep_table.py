@@ -21,12 +21,15 @@ def main(paths: list[str]) -> None:
     groups = [g for path in paths for g in json.loads(Path(path).read_text())["groups"]]
     lrs = [p["lr"] for p in groups[0]["personalized"]]
     keys = list(groups[0]["grid"])
-    header = (["setting", *keys, "seeds", "initial global", "federated global"]
+    backbone = all("backbone_global_rouge_l" in g for g in groups)  # runs since it is scored
+    header = (["setting", *keys, "seeds", *(["backbone global"] if backbone else []),
+               "initial global", "federated global"]
               + [f"lr {lr:g}: {m}" for lr in lrs for m in ("local", "global")])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * (len(keys) + 1) + "---:|" * (len(header) - len(keys) - 1))
     for g in groups:
         row = [g["setting"] or g["label"], *(str(g["grid"][k]) for k in keys), str(g["n"]),
+               *([cell(g["backbone_global_rouge_l"])] if backbone else []),
                cell(g["initial_global_rouge_l"]), cell(g["federated_global_rouge_l"])]
         for p in g["personalized"]:
             row += [cell(p["local_rouge_l"]), cell(p["global_rouge_l"])]
