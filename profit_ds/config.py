@@ -40,8 +40,8 @@ REAL_MODEL_DEFAULTS: dict[str, Any] = {
     "prompt_init": "text",        # vocab init lowered SmolLM2's global ROUGE-L; text kept it
     "max_source_tokens": 1024,    # SNI's (Tk-Instruct's) source length
     "max_target_tokens": 128,     # and target length
-    "client_lr": 0.01,
-    "personalize_lrs": [0.3, 3.0],
+    "client_lr": 0.003,
+    "personalize_lrs": [0.1, 1.0],
 }
 
 

@@ -21,7 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                "help_option_names": []})
 def bench(ctx: typer.Context) -> None:
-    """Benchmark: profit-ds (K=1, K=auto) vs a plain PEFT loop at 1 and 2 ranks; --help for options."""
+    """Benchmark: profit-ds (K=1, K=auto) vs a PEFT per-client loop, toy and SmolLM2 workloads; --help for options."""
     if not SCRIPT.is_file():
         raise UsageError(f"profit-ds bench runs {SCRIPT.name} from a source checkout of profit-ds; "
                          "this installation has none")
