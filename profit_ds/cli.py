@@ -122,8 +122,14 @@ def _launcher_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+_STOPS: list[KeyboardInterrupt] = []  # the Ctrl-C / SIGTERM received, if any
+
+
+def _stop(signum: int, frame: object) -> None:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM `Terminated` (exit 143), remembered: a
+    library that swallows one (an interrupted import) fails later for no reason of its own."""
+    _STOPS.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+    raise _STOPS[-1]
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
@@ -147,12 +153,34 @@ def _one_line(err: BaseException) -> str:
     return where + " ".join(message.split())
 
 
+def _interrupt(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) an exception came from, if any: one in its chain (transformers'
+    lazy imports turn one into an ImportError `from` it), else one received at all (a library
+    swallowed it, and failed later); none where the raiser reported it and said so with
+    `from None`."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        if err.__cause__ is None and err.__suppress_context__:
+            return None
+        err = err.__cause__ or err.__context__
+    return _STOPS[-1] if _STOPS else None
+
+
+def _interrupted(stop: KeyboardInterrupt) -> typing.NoReturn:
+    print("interrupted", file=sys.stderr)
+    sys.exit(getattr(stop, "exit_code", 130))
+
+
 def main() -> None:
     """Console entry point: run the app; usage errors are one line on stderr and exit 2."""
     debug = "--debug" in sys.argv or os.environ.get("PROFIT_DS_DEBUG") == "1"
     sys.argv = _launcher_rank([a for a in sys.argv if a != "--debug"])
     quiet_libraries()
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         _register()
         # without standalone mode, click returns a command's typer.Exit code instead of exiting
@@ -163,12 +191,17 @@ def main() -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as stop:
+        interrupt = _interrupt(stop)
+        if interrupt is not None:
+            _interrupted(interrupt)
         code = getattr(stop, "exit_code", getattr(stop, "code", 0))
         sys.exit(code)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM before a command could say more
-        print("interrupted", file=sys.stderr)
-        sys.exit(getattr(stop, "exit_code", 130))
+        _interrupted(stop)
     except Exception as err:
+        interrupt = _interrupt(err)  # e.g. a lazy import that Ctrl-C broke
+        if interrupt is not None and not debug:
+            _interrupted(interrupt)
         if type(err).__name__ == "NoArgsIsHelpError":  # `profit-ds` alone: its help, exit 0
             print(err.ctx.get_help())
             sys.exit(0)
@@ -183,5 +216,7 @@ def main() -> None:
             print("aborted", file=sys.stderr)
             sys.exit(130)
         raise
+    if code == 130:  # Typer's answer to a Ctrl-C (or SIGTERM) that no command reported
+        _interrupted(_STOPS[-1] if _STOPS else KeyboardInterrupt())
     if isinstance(code, int) and code:
         sys.exit(code)

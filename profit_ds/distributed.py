@@ -2,8 +2,8 @@
 
 SPMD: every rank runs the same loop with the same seeds and holds identical prompt states; each
 owns a slice of every batch; prompt gradients are summed with one all_reduce per step; rank 0
-alone prints and writes. A single process needs no launcher: we fill in the environment a
-launcher would set.
+alone prints and writes. A single process needs no launcher: it makes a one-rank group of its
+own, without touching the environment a launcher would set.
 """
 from __future__ import annotations
 
@@ -56,22 +56,29 @@ def setup() -> None:
     share_cpu_threads()
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    init_method = None
-    if "WORLD_SIZE" not in os.environ:
-        # no launcher: a one-rank group over a private file store (no TCP port to collide on)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        fd, store = tempfile.mkstemp(prefix="profit-ds-store-")
-        os.close(fd)
-        os.unlink(store)
-        init_method = f"file://{store}"
-        atexit.register(lambda: Path(store).unlink(missing_ok=True))  # leave no file behind
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, init_method=init_method,
-                               rank=int(os.environ["RANK"]),
-                               world_size=int(os.environ["WORLD_SIZE"]))
+    if "WORLD_SIZE" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   rank=int(os.environ["RANK"]),
+                                   world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        _init_one_rank(deepspeed, backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def _init_one_rank(deepspeed, backend: str) -> None:
+    """A one-rank group over a private file store (no launcher, no TCP port), initialized
+    without writing RANK, WORLD_SIZE or MASTER_PORT into the environment: processes this one
+    starts (a test suite's, a notebook's) would inherit them, take themselves for launched
+    ranks, and every one would bind the same port. DeepSpeed takes over a torch group that
+    exists; ZeRO-3 reads LOCAL_RANK, which is 0 for any process started here too."""
+    os.environ.setdefault("LOCAL_RANK", "0")
+    fd, store = tempfile.mkstemp(prefix="profit-ds-store-")
+    os.close(fd)
+    os.unlink(store)
+    atexit.register(lambda: Path(store).unlink(missing_ok=True))  # leave no file behind
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def rank() -> int:

@@ -16,7 +16,7 @@ import socket
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 from profit_ds.errors import UsageError
 
@@ -25,20 +25,16 @@ LOCK = ".profit-ds.lock"
 
 @contextmanager
 def own_directory(out: Path, flag: str = "--output-dir") -> Iterator[None]:
-    """Hold `out` for the duration (creating it); UsageError if a live run holds it."""
+    """Hold `out` for the duration (creating it); UsageError if a live run holds it.
+
+    The lock file is removed when the run lets go, so a run that was refused, or failed,
+    leaves the directory as it found it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        f = (out / LOCK).open("a+", encoding="utf-8")
     except OSError as err:
         raise UsageError(f"{flag} {out}: cannot write there ({err.strerror})") from None
+    f = _lock(out / LOCK, flag, out)
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UsageError(f"{flag} {out}: in use by another profit-ds run ({holder}); wait "
-                             "for it, or choose another directory") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -47,7 +43,33 @@ def own_directory(out: Path, flag: str = "--output-dir") -> Iterator[None]:
         _remove_stale_temporaries(out)
         yield
     finally:
-        f.close()  # releases the lock
+        # Unlinked while still held: a process that opened the old file before this and then
+        # gets its lock sees that the path no longer names that file, and starts over.
+        (out / LOCK).unlink(missing_ok=True)
+        f.close()
+
+
+def _lock(path: Path, flag: str, out: Path) -> TextIO:
+    """The open lock file, exclusively locked, and still the file `path` names."""
+    while True:
+        try:
+            f = path.open("a+", encoding="utf-8")
+        except OSError as err:
+            raise UsageError(f"{flag} {out}: cannot write there ({err.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UsageError(f"{flag} {out}: in use by another profit-ds run ({holder}); wait "
+                             "for it, or choose another directory") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()  # the holder let go and removed it in between: take the new one
 
 
 @contextmanager
@@ -56,6 +78,11 @@ def held_by_this_run(out: Path, flag: str = "--output-dir") -> Iterator[None]:
     it got it (all raise the same refusal), so no rank goes on alone."""
     from profit_ds import distributed
 
+    if "WORLD_SIZE" not in os.environ:  # one process, no launcher: refuse before any set-up
+        with own_directory(out, flag):
+            distributed.setup()
+            yield
+        return
     distributed.setup()
     with ExitStack() as owned:
         refused = None

@@ -70,7 +70,7 @@ def _bank(k: int, hidden: int) -> torch.Tensor:
 
 
 def _run_in_process(model_dir: Path, out: Path, **settings) -> Path:
-    run(resolve(None, dict(model=str(model_dir), output_dir=str(out), **TINY, **settings)))
+    run(resolve(None, {"model": str(model_dir), "output_dir": str(out), **TINY, **settings}))
     return out
 
 

@@ -155,11 +155,15 @@ def test_resume_with_other_config_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "o"
     args = _args(tiny_model_dir, out)
     _kill_when(out, args, lambda o: max(_ckpt_seqs(o), default=0) >= 2)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # the killed run's lock is the one file the refused run may touch: it takes the lock of
+    # a dead run over and lets it go (run_lock)
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*")  # noqa: E731
+                     if p.is_file() and p.name != ".profit-ds.lock"}
+    before = files()
     res = _run(args + ["--resume", "--client-lr", "0.5"])
     assert res.returncode == 2
     assert "different config" in res.stderr and "Traceback" not in res.stderr
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files() == before and not (out / ".profit-ds.lock").exists()
 
 
 def test_unfinished_run_needs_resume_or_overwrite(tiny_model_dir, tmp_path):

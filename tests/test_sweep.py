@@ -165,6 +165,11 @@ def test_restart_refuses_another_sweep_or_a_foreign_run(tmp_path):
     assert sw.prepare_sweep(spec, out).status == ["finished"]
     (d / "results.json").unlink()
     (d / "config.json").write_text(json.dumps(foreign))
+    # killed before its first checkpoint: nothing to resume, so it starts anew
+    assert sw.prepare_sweep(spec, out).status == ["new"]
+    from profit_ds.runner import CHECKPOINTS
+    (d / CHECKPOINTS).mkdir()
+    (d / CHECKPOINTS / "ckpt-000001.safetensors").write_bytes(b"")
     assert sw.prepare_sweep(spec, out).status == ["unfinished"]
 
 
@@ -267,6 +272,8 @@ def _comparable(cell_dir: Path) -> dict:
         res.pop(key)
     for r in res["rounds"]:
         r.pop("seconds")
+    for measured in ("memory_gb", "memory_source"):  # free RAM when the cell started
+        res["resolved"]["budgets"].pop(measured)
     res["config"] = {k: v for k, v in res["config"].items() if k not in EXECUTION_ONLY}
     return res
 

@@ -43,7 +43,7 @@ def launch_local_ranks(num_procs: int) -> int:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
         codes = [p.wait() for p in procs]
-        raise typer.Exit(getattr(stop, "exit_code", 130)) from None
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
     return max(codes, key=abs)
 
 
@@ -67,7 +67,7 @@ def run(overrides: dict,
         # checkpoints are written after every round and personalization group
         print(f"interrupted; continue with: profit-ds run --resume --output-dir {cfg.output_dir}",
               file=sys.stderr)
-        raise typer.Exit(getattr(stop, "exit_code", 130)) from None
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
     if results.get("global") is None and results.get("diverged"):
         raise UsageError(f"{results['diverged'][0]['message']}; recorded in "
                          f"{cfg.output_dir}/results.json (lower the learning rate)")
