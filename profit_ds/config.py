@@ -41,7 +41,7 @@ REAL_MODEL_DEFAULTS: dict[str, Any] = {
     "max_source_tokens": 1024,    # SNI's (Tk-Instruct's) source length
     "max_target_tokens": 128,     # and target length
     "client_lr": 0.003,
-    "personalize_lrs": [0.1, 1.0],
+    "personalize_lrs": [0.1, 0.3],
 }
 
 

@@ -28,7 +28,7 @@ from profit_ds.evaluation.predictions import PredictionFiles, set_lines
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
 from profit_ds.fl.divergence import Diverged
 from profit_ds.fl.optim import ClientOptimizer
-from profit_ds.fl.personalize import PersonalizeSpec, personalize, summarize
+from profit_ds.fl.personalize import PersonalizeSpec, personalize, scored_rows, summarize
 from profit_ds.fl.rounds import RoundSpec, federated_round
 from profit_ds.fl.server import ServerOptimizer, ServerState
 from profit_ds.model.aliases import resolve_model
@@ -113,7 +113,8 @@ def set_up(cfg: RunConfig, partition: Partition, backbone: Backbone | None = Non
                              memory, device, work, cfg.activation_checkpointing, source,
                              cfg.eval_batch_size)
     if cfg.clients_in_parallel != "auto":
-        budgets = replace(budgets, clients_in_parallel=int(cfg.clients_in_parallel))
+        budgets = replace(budgets, clients_in_parallel=int(cfg.clients_in_parallel),
+                          k_fixed=True)
     backbone.limit = budgets.forward
     backbone.checkpointing = budgets.checkpointing
     return Setup(backbone, data, chat, new_tokens, budgets)
@@ -390,7 +391,8 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
 
         records, client_prompts = personalize(
             backbone, progress.prompt, data.test_clients, data.global_test, pspec,
-            min(k_parallel, pairs), evaluate_bank,
+            setup.budgets.personalization_group(scored_rows(data.test_clients, data.global_test,
+                                                            pspec), pairs), evaluate_bank,
             done=(progress.records, progress.client_prompts), on_group_done=group_done)
     timing["personalize_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from profit_ds.evaluation.generate import evaluate
 from profit_ds.export import read_prompt
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
 from profit_ds.fl.optim import ClientOptimizer
-from profit_ds.fl.personalize import PersonalizeSpec, personalize
+from profit_ds.fl.personalize import PersonalizeSpec, personalize, scored_rows
 from profit_ds.model.backbone import Backbone, load_backbone
 from profit_ds.report import Reporter
 from profit_ds.memory import Budgets
@@ -99,7 +99,8 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
             for lam in grid.prox_lambdas:
                 spec = PersonalizeSpec(ClientOptimizer(grid.opt), grid.lrs, grid.epochs,
                                        run.cfg.batch_size, run.cfg.seed, lam, grid.alphas)
-                k = min(run.budgets.clients_in_parallel, len(clients) * len(grid.lrs))
+                k = run.budgets.personalization_group(
+                    scored_rows(clients, global_set, spec), len(clients) * len(grid.lrs))
                 found, _ = personalize(run.backbone, run.prompt, clients, global_set, spec, k,
                                        score)
                 records += [{"split": split, "prox_lambda": lam, **r} for r in found]

@@ -3,9 +3,10 @@
 sample as a run prepares them.
 
 Training: one local step of 8 clients x 8 rows (the run's forward chunking, bytes unbounded),
-at several caps on a forward's padded tokens: text tokens per second. Generation: the test
-clients' test sets at several rows per generate call: examples per second. Each point runs in
-a fresh process (its peak RSS is its own), best of 2.
+at several caps on a forward's padded tokens: text tokens per second, best of 2. Generation:
+what personalization scores, 8 prompts over the global test set (8 x 39 rows), at several rows
+per generate call: examples per second, one pass after a short warm-up (a pass takes minutes).
+Each point runs in a fresh process (its peak RSS is its own).
 
     python scripts/bench_budgets.py [--dtype bf16] [--write-docs docs/BENCHMARKS.md]
 """
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 SECTION = "## Budgets: where a larger batch stops paying"
-TOKENS = (512, 1024, 2048, 4096, 8192)
-ROWS = (8, 16, 32, 64, 128)
+TOKENS = (1024, 2048, 4096, 8192)
+ROWS = (16, 64, 128, 256)
 
 
 def worker(kind: str, size: int, dtype: str, data: str) -> dict:
@@ -50,10 +51,10 @@ def worker(kind: str, size: int, dtype: str, data: str) -> dict:
             mean_loss_gradients(s.backbone, bank, rows, len(rows))
             times.append(time.perf_counter() - t)
     else:
-        sets = [(k, c.test) for k, c in enumerate(s.data.test_clients)]
+        sets = [(k, s.data.global_test) for k in range(len(bank))]
         work = sum(len(x) for _, x in sets)
-        evaluate(s.backbone, bank, sets[:1], s.new_tokens, size)
-        for _ in range(2):
+        evaluate(s.backbone, bank, [(0, s.data.test_clients[0].test)], s.new_tokens, size)
+        for _ in range(1):
             t = time.perf_counter()
             evaluate(s.backbone, bank, sets, s.new_tokens, size)
             times.append(time.perf_counter() - t)
@@ -64,7 +65,9 @@ def worker(kind: str, size: int, dtype: str, data: str) -> dict:
 def measure(kind: str, size: int, dtype: str, data: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", kind, str(size), "--dtype", dtype,
                           "--data", data], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{kind} {size}: {result}", file=sys.stderr, flush=True)
+    return result
 
 
 def tables(dtype: str, data: str) -> str:
@@ -75,10 +78,10 @@ def tables(dtype: str, data: str) -> str:
     lines = [SECTION, "",
              f"SmolLM2-135M-Instruct ({dtype}), SNI sample as a run prepares it (chat template, "
              "1024/128 token limits, P = 20). Training: one local step of 8 clients x 8 rows, "
-             "text tokens/s at each cap on a forward's padded row tokens. Generation: the test "
-             "clients' test sets (greedy, the run's max_new_tokens), examples/s at each number "
-             "of rows per generate call. Each point in a fresh process, best of 2; share of "
-             "the best rate in parentheses.", "",
+             "text tokens/s at each cap on a forward's padded row tokens, best of 2. "
+             "Generation: 8 prompts over the global test set (312 rows, greedy, the run's "
+             "max_new_tokens), examples/s at each number of rows per generate call, one pass. "
+             "Each point in a fresh process; share of the best rate in parentheses.", "",
              "| tokens per forward | train tokens/s | peak RSS MiB |", "|---:|---:|---:|"]
     lines += [f"| {t} | {r['rate']:.0f} ({r['rate'] / best_t:.0%}) | {r['peak_rss_mb']:.0f} |"
               for t, r in train]

@@ -83,6 +83,23 @@ def test_budgets_never_exceed_the_given_memory(budget_gb):
     assert b.checkpointing == needs
 
 
+def test_a_personalization_group_fills_generate_calls_under_k_auto_only():
+    """K=auto sized for training (1 client per forward) would score one pair per generate
+    call; a group takes the pairs whose rows fill SCORING_CALLS calls, never more than there
+    are; a K the user set is kept."""
+    shape = planning.model_shape("smollm2-135m")
+    work = memory.work_shape([(300, 20)] * 8, [300] * 8, 8, 20, 33, 1)
+    b = memory.budgets(shape.dims, "bf16", True, 12 * GB, "cpu", work)
+    assert b.clients_in_parallel == 1 and b.generation_rows == 64
+    group = b.personalization_group(44.0, 16)
+    assert group == -(-memory.SCORING_CALLS * 64 // 44) == 6
+    assert b.personalization_group(44.0, 3) == 3
+    assert b.personalization_group(10_000.0, 16) == 1
+    from dataclasses import replace
+    fixed = replace(b, k_fixed=True)
+    assert fixed.personalization_group(44.0, 16) == 1
+
+
 def test_run_with_a_small_memory_budget_records_and_honours_it(tmp_path):
     """A run given `--memory-budget` plans within it and says so in results.json."""
     out = tmp_path / "run"

@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 from profit_ds import distributed
 from profit_ds.evaluation.rouge import score_predictions
 from profit_ds.fl.clients import EvalSet
+from profit_ds.memory import release_freed_memory
 from profit_ds.model.backbone import Backbone
 from profit_ds.model.prompted import Encoded, model_device
 
@@ -62,6 +63,7 @@ def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, E
     with backbone.attention("sdpa"):
         for start in range(0, len(order), step):
             _generate_batch(backbone, bank, jobs, order[start: start + step], config, texts)
+            release_freed_memory()  # this batch's KV cache, before the next one's
             if advance:
                 advance(len(order[start: start + step]))
     return texts

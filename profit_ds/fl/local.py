@@ -12,6 +12,7 @@ import torch
 
 from profit_ds.fl.gradients import mean_loss_gradients
 from profit_ds.fl.optim import ClientOptimizer, ClientOptState, client_step
+from profit_ds.memory import release_freed_memory
 from profit_ds.model.backbone import Backbone
 from profit_ds.model.prompted import Encoded
 
@@ -42,4 +43,5 @@ def run_local_steps(backbone: Backbone, bank: torch.Tensor, opt: ClientOptimizer
         if after_step:
             after_step()
     steps = torch.tensor([max(len(s), 1) for s in schedules], dtype=torch.float32)
+    release_freed_memory()  # saved activations, before scoring's KV caches
     return bank, loss_total / steps

@@ -98,6 +98,14 @@ def personalize(backbone: Backbone, prompt: torch.Tensor, clients: Sequence[Clie
     return records, prompts
 
 
+def scored_rows(clients: Sequence[ClientData], global_test: EvalSet,
+                spec: PersonalizeSpec) -> float:
+    """Rows one pair's scoring generates after each epoch, on average: its client's local
+    test set and the global one, for its prompt and each interpolation alpha (`_score`)."""
+    local = sum(len(c.test) for c in clients) / max(1, len(clients))
+    return (local + len(global_test)) * (1 + len(spec.alphas))
+
+
 def _score(evaluate: Evaluator, bank: torch.Tensor, prompt: torch.Tensor,
            pairs: Sequence[tuple[ClientData, float]], global_test: EvalSet,
            alphas: Sequence[float], epoch: int) -> list[dict]:
