@@ -24,7 +24,7 @@ for seed in "${SEEDS[@]}"; do
     if [[ ! -f "$dst/results.json" ]]; then
         mkdir -p "$(dirname "$dst")" && rm -rf "$dst" && cp -r "$src" "$dst" && rm -f "$dst/.profit-ds.lock"
     fi
-    [[ -f "$dst/study.json" ]] || profit-ds personalize "$dst" --lrs 1 --epochs 1 \
+    [[ -f "$dst/study.json" ]] || profit-ds personalize "$dst" --lrs 0.3 --epochs 2 \
         --prox-lambdas 0,0.5 --interp-alphas 0.5 --select-on test
     runs+=("$dst")
 done
