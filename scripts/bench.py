@@ -949,8 +949,8 @@ SMOLLM2_TEXT = (
     "{w.rounds} timed rounds after a warm-up round, in each of {repeats} run(s) in rotation; "
     "MFU counts SmolLM2's own matrices: GQA's smaller k and v, the LM head at label positions "
     "only); K=auto is what the run's budgets give (`runner.set_up`; on a CPU a forward is "
-    "capped at 2,048 padded tokens, about one client's batch of these rows, so K=auto can be "
-    "1). Generation (1 rank): every test client's row of the prompt bank (each the initial "
+    "capped at {cap:,} padded tokens (`memory.TOKENS_PER_FORWARD_CAP`), less than one "
+    "client's batch of these rows, so K=auto is 1). Generation (1 rank): every test client's row of the prompt bank (each the initial "
     "prompt) on its own test set, greedy, the run's max_new_tokens and rows per call; "
     "`profit-ds` is `evaluation.generate.generate` (prompt embeddings before each row's "
     "source, SDPA), `plain HF` is `model.generate(input_ids=...)` on the same model loaded "
@@ -1087,7 +1087,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         w, results = done["smollm2"]
         tabs = smollm2_tables(w, results)
         tasks = len(list(Path(w.data_dir).glob("*.json")))
-        sections.append((tabs, SMOLLM2_TEXT.format(w=w, repeats=smollm2_repeats, tasks=tasks),
+        from profit_ds.memory import TOKENS_PER_FORWARD_CAP
+        sections.append((tabs, SMOLLM2_TEXT.format(w=w, repeats=smollm2_repeats, tasks=tasks,
+                                                     cap=TOKENS_PER_FORWARD_CAP["cpu"]),
                          SMOLLM2_SECTION, SMOLLM2_END))
     for tabs, *_ in sections:
         print_tables(tabs)
