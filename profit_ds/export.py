@@ -24,8 +24,9 @@ measured alone:
   in training; profit-ds builds [pad; prompt; tokens] with positions from the attention mask
   (batched without the cache: 29 of the 61 padded rows differ, 0 of the 19 unpadded ones).
 
-For batched generation with the cache, `profit_ds.evaluation.generate` (the base model's own
-`generate` on `inputs_embeds`) is the way; the format file says the same.
+For batched generation with the cache, `profit_ds.evaluation.generate` (greedy decoding on
+`inputs_embeds`, as the base model's own `generate` does) is the way; the format file says the
+same.
 """
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ class Reporter:
             return
         t = results["timing"]
         done = (f"done in {t['total_s']:.0f}s (training {t['train_s']:.0f}s, "
-                f"personalization {t['personalize_s']:.0f}s); files in {out}/")
+                f"personalization {t['personalize_s']:.0f}s, of which scoring "
+                f"{t['personalize_score_s']:.0f}s); files in {out}/")
         tables = (federated_table(results), personalization_table(results))
         console = Console()
         for table in tables:

@@ -366,6 +366,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         save(progress)
 
     t = time.perf_counter()
+    timing["personalize_score_s"] = 0.0  # of personalize_s, the rest being local training
     pspec = PersonalizeSpec(ClientOptimizer(cfg.personalize_opt), cfg.personalize_lrs,
                             cfg.personalize_epochs, cfg.batch_size, cfg.seed)
     pairs = len(data.test_clients) * len(cfg.personalize_lrs)
@@ -378,7 +379,9 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         advance(sum(per_pair[n] for n, _ in done_pairs))
 
         def evaluate_bank(bank, requests, tags):
+            t_score = time.perf_counter()
             scores = evaluate(backbone, bank, requests, new_tokens, rows, advance)
+            timing["personalize_score_s"] += time.perf_counter() - t_score
             predictions.append("personalized", [
                 line for (_, s), tag, result in zip(requests, tags, scores)
                 for line in set_lines({"prompt": "personalized", **tag}, s.references, s.ids,

@@ -38,7 +38,8 @@ def fabricated(shift: float = 0.0, manifest: str = "m0", **config) -> dict:
                        for r in range(3)],
             "initial": _scores(10 + shift, 9 + shift), "global": fed, "personalized": pers,
             "personalized_clients": [{"client": c, **p} for c in clients for p in pers],
-            "timing": {"total_s": 1.0, "train_s": 0.5, "personalize_s": 0.5},
+            "timing": {"total_s": 1.0, "train_s": 0.5, "personalize_s": 0.5,
+                       "personalize_score_s": 0.25},
             "environment": {}}
 
 

@@ -114,12 +114,13 @@ def collate(encoded: Sequence[Encoded], row_client: Sequence[int], pad_id: int) 
     return TrainBatch(ids, mask, labels, torch.tensor(list(row_client), dtype=torch.long))
 
 
-def _rows_of_clients(cache, slot: torch.Tensor) -> None:
-    """Expand a KV cache of one entry per client to one entry per row (`slot[r]` = row r's
-    client), in place; with index_select (not `cache.batch_select_indices`, which indexes)."""
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep (and repeat) the KV cache entries `rows`, in place: one entry per client expanded
+    to one per row, or a batch's finished rows dropped; with index_select (not
+    `cache.batch_select_indices`, which indexes: the determinism rule above)."""
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, slot)
-        layer.values = layer.values.index_select(0, slot)
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
 
 
 @contextmanager
@@ -182,7 +183,7 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch,
         clients, slot = torch.unique(batch.row_client, return_inverse=True)
         cache = body(inputs_embeds=prompts.index_select(0, clients).to(embeds.dtype),
                      use_cache=True).cache
-        _rows_of_clients(cache, slot)
+        select_cache_rows(cache, slot)
         hidden = body(inputs_embeds=embeds, attention_mask=mask, cache=cache).last_hidden_state
     # position t predicts token t+1
     targets = batch.labels[:, 1:]
