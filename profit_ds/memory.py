@@ -10,8 +10,9 @@ H attention heads, vocabulary V, in a dtype of b bytes:
   training     L x (8D + 3I) x b saved for the backward pass at every position (measured on a
                small Llama with frozen weights: tests/test_ops.py), plus with eager attention
                L x H x (4 + b) per (position, key) pair (the fp32 softmax and its cast, both
-               saved); with activation checkpointing only each layer's input, L x D x b, plus
-               one layer's full share while it is recomputed. At every label position the
+               saved) in forwards short enough to take it (`eager_up_to`); with activation
+               checkpointing only each layer's input, L x D x b, plus one layer's full share
+               while it is recomputed. At every label position the
                logits: V x (b + 12) (the logits, their fp32 copy, the saved log-softmax, one
                fp32 gradient).
   generation   the KV cache, L x 2 x kv_heads x head_dim x b per position of prompt, source
@@ -84,11 +85,17 @@ class TokenCosts:
     kv_token: int      # the KV cache of one position, all layers
     prefill_token: int  # a no-grad forward's live tensors at one position (one layer)
     row_logits: int    # a generated row's last-position logits
+    eager_keys: int = 0  # the most keys a forward attends to with eager attention (`eager_up_to`)
 
     def train(self, rows: int, tokens: int, keys: int, labels: int) -> int:
         """One forward of `rows` rows padded to `tokens` positions, each attending to `keys`
         keys, with `labels` label positions in all."""
-        return rows * tokens * (self.train_token + keys * self.train_key) + labels * self.label
+        return rows * tokens * (self.train_token + self.key_bytes(keys)) + labels * self.label
+
+    def key_bytes(self, keys: int) -> int:
+        """Saved attention scores per position of a forward attending to `keys` keys: eager
+        attention's up to `eager_keys`; beyond, that forward takes SDPA, which saves none."""
+        return keys * self.train_key if keys <= self.eager_keys else 0
 
     def generate(self, rows: int, context: int, new_tokens: int) -> int:
         """One generate call of `rows` rows of `context` positions (prompt and source)."""
@@ -109,7 +116,21 @@ def token_costs(dims: Dims, dtype: str, eager_attention: bool = False,
     return TokenCosts(train_token=train_token, train_key=train_key,
                       label=dims.vocab * (b + LOGIT_EXTRA),
                       kv_token=dims.layers * 2 * dims.kv_heads * dims.head_dim * b,
-                      prefill_token=layer, row_logits=2 * dims.vocab * 4)
+                      prefill_token=layer, row_logits=2 * dims.vocab * 4,
+                      eager_keys=eager_up_to(dims, b) if eager_attention else 0)
+
+
+def eager_up_to(dims: Dims, b: int) -> int:
+    """The most keys a training forward attends to with eager attention, where the backbone
+    trains with it (bf16 on a CPU, `backbone.attention_implementation`): while its saved
+    scores, H x (4 + b) bytes per key, are no more than the layer's other saved activations
+    per position, (8D + 3I) x b. Longer forwards take SDPA, whose flash kernel saves no
+    scores and there is also the faster one (SmolLM2, bf16, forward and backward of one layer's
+    attention: eager 195 ms against SDPA 97 ms for 1 row of 1,172 keys, 18 against 63 ms for
+    5 rows of 200): SmolLM2 switches at 341 keys, where eager's scores of a 1,172-token row
+    would have been 2.2 GB."""
+    layer = (SAVED_PER_HIDDEN * dims.hidden + SAVED_PER_INTERMEDIATE * dims.intermediate) * b
+    return layer // (dims.heads * (4 + b))
 
 
 @dataclass(frozen=True)
@@ -183,7 +204,7 @@ class WorkShape:
 def tokens_fitting(costs: TokenCosts, memory: int, work: WorkShape) -> int:
     """The most padded tokens of the longest rows that one forward fits in `memory`."""
     keys = work.prompt_tokens + work.longest_row
-    per_token = costs.train_token + keys * costs.train_key + work.label_share * costs.label
+    per_token = costs.train_token + costs.key_bytes(keys) + work.label_share * costs.label
     return int(memory // per_token) if per_token else 0
 
 

@@ -187,6 +187,29 @@ def test_bf16_on_cpu_uses_eager_attention_with_sdpa_gradients(backbone, bf16_bac
         assert rel < 0.02, f"client {k}: eager vs sdpa relative gradient difference {rel:.3f}"
 
 
+def test_bf16_forwards_past_eager_keys_take_sdpa(backbone, bf16_backbone, monkeypatch):
+    """Eager attention saves H x (4 + b) bytes of scores per (position, key); a forward
+    attending to more keys than `eager_keys` (memory.eager_up_to) takes SDPA, which saves
+    none, and the memory model counts the scores only below that length."""
+    calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    costs = bf16_backbone.forward_limit().costs
+    limit, prompt = costs.eager_keys, 4
+    assert 0 < limit < bf16_backbone.model.config.max_position_embeddings - prompt - 8
+    short = _rows(backbone.tokenizer, clients=1)[:2]
+    assert max(len(e.source) + len(e.target) for _, e in short) + prompt <= limit
+    mean_loss_gradients(bf16_backbone, _bank(1, backbone.hidden_size), short, 64)
+    assert not calls  # eager
+    source = tuple(range(5, 5 + limit - prompt))  # with its target: past the limit
+    longest = [(0, Encoded(source, (7, 8, backbone.tokenizer.eos_token_id)))]
+    grads, _ = mean_loss_gradients(bf16_backbone, _bank(1, backbone.hidden_size), longest, 64)
+    assert calls and grads.abs().sum() > 0
+    assert bf16_backbone.model.config._attn_implementation == "eager"  # restored after
+    assert costs.key_bytes(limit) == limit * costs.train_key > 0 and costs.key_bytes(limit + 1) == 0
+
+
 def test_an_offload_config_keeps_zero3_at_one_rank(tiny_model_dir, backbone, bf16_backbone):
     """Parameter offload is ZeRO-3's (the shards live in CPU RAM), so one rank with that config
     still gets DeepSpeed; its gradients match the whole bf16 model's up to bf16 rounding."""

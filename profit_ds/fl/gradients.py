@@ -68,8 +68,10 @@ def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[R
         _start_zero3_step(backbone)
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
-            sums = client_loss_sums(backbone.model, leaf, batch, backbone.checkpointing)
-            (sums / denom).sum().backward()
+            # the backward too: activation checkpointing recomputes with the same kernel
+            with backbone.training_attention(bank.shape[1] + batch.input_ids.shape[1]):
+                sums = client_loss_sums(backbone.model, leaf, batch, backbone.checkpointing)
+                (sums / denom).sum().backward()
             loss_sums += sums.detach().double().cpu()
         else:  # keep ZeRO-3's collective all-gathers in lock-step with the other ranks
             _idle_forward_backward(backbone, leaf)

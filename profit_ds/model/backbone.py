@@ -71,6 +71,14 @@ class Backbone:
             if was != kind:
                 self.model.set_attn_implementation(was)
 
+    def training_attention(self, keys: int) -> contextlib.AbstractContextManager:
+        """The attention kernel of a training forward attending to `keys` keys: the one the
+        backbone was loaded with, except that eager gives way to SDPA past the limit's
+        `eager_keys` (`memory.eager_up_to`: less memory, and faster there)."""
+        if self.eager_attention and keys > self.forward_limit().costs.eager_keys:
+            return self.attention("sdpa")
+        return contextlib.nullcontext()
+
     def forward_limit(self) -> ForwardLimit:
         """The run's limit, or one from the memory free on this device now."""
         if self.limit is None:
