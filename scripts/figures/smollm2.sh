@@ -10,10 +10,6 @@ SEEDS=(0 1 2)
 
 # 1, 2: federated settings (FedAvg with Adam / SGD clients) and the personalization trade-off
 profit-ds sweep --config docs/findings/smollm2_sweep.yaml --output-dir "$RUNS/sweep"
-# 4: the default setting on an iid partition, beside its task cells
-profit-ds sweep --config docs/findings/smollm2_heterogeneity.yaml --output-dir "$RUNS/heterogeneity"
-python scripts/figures/sweep_table.py "$RUNS/sweep/summary.json" "$RUNS/heterogeneity/summary.json" \
-    > "$FIGURES/smollm2_table.md"
 profit-ds report "$RUNS/sweep" --out "$RUNS/sweep/report" > "$RUNS/sweep/report.txt"
 cp "$RUNS/sweep/report/pareto.png" "$FIGURES/smollm2_pareto.png"
 
@@ -29,3 +25,8 @@ for seed in "${SEEDS[@]}"; do
     runs+=("$dst")
 done
 python scripts/figures/study_table.py "${runs[@]}" > "$FIGURES/smollm2_regularization_table.md"
+
+# 4: the default setting on an iid partition, beside its task cells
+profit-ds sweep --config docs/findings/smollm2_heterogeneity.yaml --output-dir "$RUNS/heterogeneity"
+python scripts/figures/sweep_table.py "$RUNS/sweep/summary.json" "$RUNS/heterogeneity/summary.json" \
+    > "$FIGURES/smollm2_table.md"
