@@ -30,7 +30,8 @@ The training variants:
 The generation variants (smollm2, 1 rank): `generate` (profit-ds: `evaluation.generate.generate`
 with a prompt bank, one row per test client) and `hf-generate` (the same model loaded plainly,
 the prompt's P tokens given as ordinary token ids: the text init's prompt is their embeddings,
-so both compute the same thing, in the same batches, and give the same predictions).
+so both compute the same thing, in the same batches, and give the same predictions but for
+rounding; profit-ds drops finished rows from a batch, `generate` keeps computing them).
 
 Each (variant, ranks) pair runs in fresh processes (peak RSS is per variant); N ranks are N
 processes with RANK/WORLD_SIZE set, as a launcher would. The GEMM peak is measured in this
@@ -798,8 +799,9 @@ def over_plain_ceiling(ours: dict, plain: dict, peak: float) -> float:
 
 
 def same_predictions(ours: dict, plain: dict) -> int:
-    """How many rows both variants generated the same text for (the same work: all of them,
-    but for float rounding between the embeddings path and the token-id path)."""
+    """How many rows both variants generated the same text for (the same rows: all of them,
+    but for float rounding between the embeddings path and the token-id path, and, in bf16,
+    between profit-ds's batches that shrink as rows finish and `generate`'s that do not)."""
     return sum(a == b for a, b in zip(ours["predictions"], plain["predictions"]))
 
 
@@ -955,8 +957,9 @@ SMOLLM2_TEXT = (
     "`profit-ds` is `evaluation.generate.generate` (prompt embeddings before each row's "
     "source, SDPA), `plain HF` is `model.generate(input_ids=...)` on the same model loaded "
     "by transformers with its defaults, the prompt's {w.prompt_tokens} tokens given as "
-    "ordinary token ids: the same rows, batches and left padding, so the same work (`same "
-    "predictions`: rows whose output text is identical). ex/s: the best of {w.rounds} "
+    "ordinary token ids: the same rows, batches and left padding; plain HF decodes every "
+    "row until its batch's last is done, profit-ds drops a row once it has emitted EOS "
+    "(`same predictions`: rows whose output text is identical). ex/s: the best of {w.rounds} "
     "pass(es) after a warm-up (2 rows, 2 new tokens), in each of {repeats} run(s); peak RSS "
     "of each variant's "
     "own process; ceiling: profit-ds's prefill FLOPs (a lower bound on its work) at the GEMM "
