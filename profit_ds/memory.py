@@ -12,9 +12,8 @@ H attention heads, vocabulary V, in a dtype of b bytes:
                L x H x (4 + b) per (position, key) pair (the fp32 softmax and its cast, both
                saved) in forwards short enough to take it (`eager_up_to`); with activation
                checkpointing only each layer's input, L x D x b, plus one layer's full share
-               while it is recomputed. At every label position the
-               logits: V x (b + 12) (the logits, their fp32 copy, the saved log-softmax, one
-               fp32 gradient).
+               while it is recomputed. At every label position the logits: V x (b + 12) (the
+               logits, their fp32 copy, the saved log-softmax, one fp32 gradient).
   generation   the KV cache, L x 2 x kv_heads x head_dim x b per position of prompt, source
                and new tokens; the prefill's live tensors of one layer, (8D + 3I) x b per
                position (no grad: layers free theirs as they go); fp32 logits of the last
@@ -107,7 +106,7 @@ def token_costs(dims: Dims, dtype: str, eager_attention: bool = False,
                 checkpointing: bool = False) -> TokenCosts:
     """The per-token costs of a decoder in `dtype` (see the module docstring)."""
     b = BYTES[dtype]
-    layer = (SAVED_PER_HIDDEN * dims.hidden + SAVED_PER_INTERMEDIATE * dims.intermediate) * b
+    layer = _layer_bytes(dims, b)
     key = dims.heads * (4 + b) if eager_attention else 0
     if checkpointing:
         train_token, train_key = dims.layers * dims.hidden * b + layer, key
@@ -129,8 +128,12 @@ def eager_up_to(dims: Dims, b: int) -> int:
     attention: eager 195 ms against SDPA 97 ms for 1 row of 1,172 keys, 18 against 63 ms for
     5 rows of 200): SmolLM2 switches at 341 keys, where eager's scores of a 1,172-token row
     would have been 2.2 GB."""
-    layer = (SAVED_PER_HIDDEN * dims.hidden + SAVED_PER_INTERMEDIATE * dims.intermediate) * b
-    return layer // (dims.heads * (4 + b))
+    return _layer_bytes(dims, b) // (dims.heads * (4 + b))
+
+
+def _layer_bytes(dims: Dims, b: int) -> int:
+    """What one layer saves for the backward pass at one position, eager scores aside."""
+    return (SAVED_PER_HIDDEN * dims.hidden + SAVED_PER_INTERMEDIATE * dims.intermediate) * b
 
 
 @dataclass(frozen=True)
