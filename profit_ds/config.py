@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from profit_ds.errors import UsageError
+from profit_ds.fl.algorithms import ALGORITHMS
 from profit_ds.model.builtin import BUILTIN_NAMES
 
-ALGORITHMS = ("fedavg", "fedsgd")
 HETEROGENEITY_HELP = "task, iid, categories:K or dirichlet:ALPHA"
 
 
@@ -71,7 +71,7 @@ class RunConfig:
                                               "(default: on where the tokenizer has one, i.e. "
                                               "instruct models).")
     # federated training
-    algo: str = option("fedavg", "fedavg | fedsgd")
+    algo: str = option("fedavg", " | ".join(ALGORITHMS) + " (profit_ds/fl/algorithms/)")
     rounds: int = option(15, "Federated rounds.")
     clients_per_round: int = option(12, "Clients sampled per round.")
     local_epochs: int = option(2, "FedAvg local epochs.")
@@ -149,7 +149,7 @@ def validate(cfg: RunConfig) -> None:
     from profit_ds.fl.optim import CLIENT_OPTIMIZERS
     from profit_ds.fl.server import SERVER_OPTIMIZERS
 
-    choices = {"algo": ALGORITHMS, "client_opt": CLIENT_OPTIMIZERS,
+    choices = {"algo": tuple(ALGORITHMS), "client_opt": CLIENT_OPTIMIZERS,
                "personalize_opt": CLIENT_OPTIMIZERS, "server_opt": SERVER_OPTIMIZERS,
                "prompt_init": ("vocab", "random", "text"), "dtype": ("fp32", "bf16"),
                "activation_checkpointing": ("auto", "on", "off")}

@@ -25,12 +25,15 @@ from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
 from profit_ds.evaluation.predictions import DIRECTORY as PREDICTIONS
 from profit_ds.evaluation.predictions import PredictionFiles, set_lines
+from profit_ds.fl import algorithms
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
 from profit_ds.fl.divergence import Diverged
 from profit_ds.fl.optim import ClientOptimizer
-from profit_ds.fl.personalize import PersonalizeSpec, personalize, scored_rows, summarize
+from profit_ds.fl.personalize import (PersonalizeSpec, Prompts, personalize, scored_rows,
+                                      summarize)
 from profit_ds.fl.rounds import RoundSpec, federated_round
 from profit_ds.fl.server import ServerOptimizer, ServerState
+from profit_ds.fl.state import State, expand, flatten, unflatten
 from profit_ds.model.aliases import resolve_model
 from profit_ds.memory import Budgets, Dims, free_memory, work_shape
 from profit_ds.memory import budgets as memory_budgets
@@ -187,24 +190,26 @@ def _gathered_window(cfg: RunConfig, backbone: Backbone) -> int:
 class Progress:
     """Everything finished so far: what a checkpoint holds and a resume restores."""
 
-    prompt: torch.Tensor
+    model: State  # the global client state (prompt tuning: {"prompt": [P, D]})
     server: ServerState = field(default_factory=ServerState)
+    algorithm: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. control variates
     round: int = 0
     rounds: list[dict] = field(default_factory=list)
     backbone: dict | None = None  # the bare backbone's scores (no prompt): the reference row
     initial: dict | None = None
     federated: dict | None = None
     records: list[dict] = field(default_factory=list)
-    client_prompts: dict[str, dict[float, torch.Tensor]] = field(default_factory=dict)
+    client_prompts: Prompts = field(default_factory=dict)  # name -> (lr, lambda) -> state
 
     def to_checkpoint(self) -> checkpoint.Checkpoint:
         """Tensors keyed by safe stems (a client's name comes from the data: `names`), the
         stems' names in the state."""
-        tensors = {"prompt": self.prompt, **{f"server/{k}": v
-                                             for k, v in self.server.tensors().items()}}
+        tensors = {**flatten("model", self.model), **flatten("server", self.server.tensors()),
+                   **flatten("algorithm", self.algorithm)}
         stems = file_stems(self.client_prompts)
-        for name, by_lr in self.client_prompts.items():
-            tensors.update({f"client/{stems[name]}/{lr!r}": p for lr, p in by_lr.items()})
+        for name, by_setting in self.client_prompts.items():
+            for (lr, lam), state in by_setting.items():
+                tensors.update(flatten(f"client/{stems[name]}/{lr!r},{lam!r}", state))
         state = {"server_step": self.server.step, "rounds": self.rounds,
                  "backbone": self.backbone, "initial": self.initial,
                  "federated": self.federated, "records": self.records,
@@ -215,14 +220,17 @@ class Progress:
     def from_checkpoint(cls, ckpt: checkpoint.Checkpoint) -> "Progress":
         t, st = ckpt.tensors, ckpt.state
         names = st.get("client_stems", {})
-        prompts: dict[str, dict[float, torch.Tensor]] = {}
+        prompts: Prompts = {}
         for key, value in t.items():
             if key.startswith("client/"):
-                _, stem, lr = key.split("/", 2)
-                prompts.setdefault(names.get(stem, stem), {})[float(lr)] = value
-        server = ServerState(st["server_step"], t.get("server/m"), t.get("server/v"))
-        return cls(t["prompt"], server, ckpt.round, st["rounds"], st.get("backbone"),
-                   st["initial"], st["federated"], st["records"], prompts)
+                _, stem, setting, leaf = key.split("/", 3)
+                lr, lam = (float(x) for x in setting.split(","))
+                by_setting = prompts.setdefault(names.get(stem, stem), {})
+                by_setting.setdefault((lr, lam), {})[leaf] = value
+        server = ServerState.from_tensors(st["server_step"], unflatten("server", t) or {})
+        return cls(unflatten("model", t), server, unflatten("algorithm", t) or {}, ckpt.round,
+                   st["rounds"], st.get("backbone"), st["initial"], st["federated"],
+                   st["records"], prompts)
 
 
 def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
@@ -275,14 +283,15 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
     timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
     rows = setup.budgets.generation_rows
 
-    def score(bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]], label: str) -> list[dict]:
+    def score(bank: State, requests: Sequence[tuple[int, EvalSet]], label: str) -> list[dict]:
         with reporter.task(label, sum(len(s) for _, s in requests)) as advance:
-            return evaluate(backbone, bank, requests, new_tokens, rows, advance)
+            return evaluate(backbone, bank["prompt"], requests, new_tokens, rows, advance)
 
-    def score_shared(prompt: torch.Tensor, phase: str, label: str) -> dict:
-        """One prompt for every test client (none: the bare backbone); its predictions file."""
+    def score_shared(model: State, phase: str, label: str) -> dict:
+        """One state for every test client (a 0-token prompt: the bare backbone); its
+        predictions file."""
         clients = data.test_clients
-        scores = score(prompt.unsqueeze(0), [(0, c.test) for c in clients], label)
+        scores = score(expand(model, 1), [(0, c.test) for c in clients], label)
         predictions.write(phase, [line for c, s in zip(clients, scores) for line in set_lines(
             {"prompt": phase, "client": c.name}, c.test.references, c.test.ids, s)])
         return shared_prompt_scores(scores, clients)
@@ -297,17 +306,17 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         reporter.warn(f"resuming after round {progress.round} "
                       f"({len(progress.records)} personalization records done)")
     else:
-        progress = Progress(init_prompt(backbone, cfg.prompt_tokens, cfg.prompt_init, cfg.seed,
-                                        cfg.prompt_init_text))
+        progress = Progress({"prompt": init_prompt(backbone, cfg.prompt_tokens, cfg.prompt_init,
+                                                   cfg.seed, cfg.prompt_init_text)})
     if progress.backbone is None:
         t = time.perf_counter()
-        no_prompt = progress.prompt.new_zeros(0, progress.prompt.shape[1])
+        no_prompt = {"prompt": progress.model["prompt"][:0]}
         progress.backbone = score_shared(no_prompt, "backbone", "scoring the bare backbone")
         timing["backbone_eval_s"] = time.perf_counter() - t
         save(progress)
     if progress.initial is None:
         t = time.perf_counter()
-        progress.initial = score_shared(progress.prompt, "initial", "scoring the initial prompt")
+        progress.initial = score_shared(progress.model, "initial", "scoring the initial prompt")
         timing["initial_eval_s"] = time.perf_counter() - t
         save(progress)
 
@@ -316,6 +325,8 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
                      batch_size=cfg.batch_size,
                      server_opt=ServerOptimizer(cfg.server_opt, cfg.server_lr),
                      clients_per_round=cfg.clients_per_round, seed=cfg.seed)
+    algorithm = algorithms.create(spec)
+    algorithm.load(progress.algorithm)
     metrics_path = out / "metrics.jsonl"
     if main:  # rewrite what the checkpoint vouches for; drop anything later
         io.write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in progress.rounds))
@@ -326,9 +337,10 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         for r in range(progress.round + 1, cfg.rounds + 1):
             tr = time.perf_counter()
             try:
-                progress.prompt, metrics = federated_round(backbone, progress.prompt,
-                                                           progress.server, data.train_clients,
-                                                           spec, r, k_parallel)
+                progress.model, metrics = federated_round(backbone, progress.model,
+                                                          progress.server, algorithm,
+                                                          data.train_clients, spec, r,
+                                                          k_parallel)
             except Diverged as diverged:
                 diverged.setting = (f"--algo {cfg.algo} --client-opt {cfg.client_opt} "
                                     f"--client-lr {cfg.client_lr:g} --server-opt "
@@ -343,7 +355,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
             if cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds) \
                     and len(data.global_validation):
                 val_set = data.global_validation
-                val = score(progress.prompt.unsqueeze(0), [(0, val_set)],
+                val = score(expand(progress.model, 1), [(0, val_set)],
                             "scoring on the global validation set")[0]
                 metrics["val_rouge_l"] = val["rouge_l"]
                 predictions.append("validation", set_lines(
@@ -351,6 +363,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
             metrics["seconds"] = time.perf_counter() - tr
             progress.rounds.append(metrics)
             progress.round = r
+            progress.algorithm = algorithm.tensors()
             save(progress)
             if main:
                 with metrics_path.open("a", encoding="utf-8") as f:
@@ -360,7 +373,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
 
     if progress.federated is None:
         t = time.perf_counter()
-        progress.federated = score_shared(progress.prompt, "federated",
+        progress.federated = score_shared(progress.model, "federated",
                                           "scoring the federated prompt")
         timing["global_eval_s"] = time.perf_counter() - t
         save(progress)
@@ -373,14 +386,15 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
     per_pair = {c.name: (len(c.test) + len(data.global_test)) * cfg.personalize_epochs
                 for c in data.test_clients}
     total = sum(per_pair.values()) * len(cfg.personalize_lrs)
-    done_pairs = {(n, lr) for n, by_lr in progress.client_prompts.items() for lr in by_lr}
+    done_pairs = {(n, lr) for n, by_setting in progress.client_prompts.items()
+                  for lr, _ in by_setting}
     predictions.keep("personalized", lambda line: (line["client"], line["lr"]) in done_pairs)
     with reporter.task("personalization", total) as advance:
         advance(sum(per_pair[n] for n, _ in done_pairs))
 
         def evaluate_bank(bank, requests, tags):
             t_score = time.perf_counter()
-            scores = evaluate(backbone, bank, requests, new_tokens, rows, advance)
+            scores = evaluate(backbone, bank["prompt"], requests, new_tokens, rows, advance)
             timing["personalize_score_s"] += time.perf_counter() - t_score
             predictions.append("personalized", [
                 line for (_, s), tag, result in zip(requests, tags, scores)
@@ -393,7 +407,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
             save(progress)
 
         records, client_prompts = personalize(
-            backbone, progress.prompt, data.test_clients, data.global_test, pspec,
+            backbone, progress.model, data.test_clients, data.global_test, pspec,
             setup.budgets.personalization_group(scored_rows(data.test_clients, data.global_test,
                                                             pspec), pairs), evaluate_bank,
             done=(progress.records, progress.client_prompts), on_group_done=group_done)
@@ -404,7 +418,9 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         reporter.warn(f"{record['message']} (left out of the personalization means)")
     results = _results(cfg, setup, partition, progress, records, timing, diverged)
     if main:
-        _write_outputs(out, cfg, progress.prompt, client_prompts, results)
+        _write_outputs(out, cfg, progress.model["prompt"],
+                       {n: {lr: s["prompt"] for (lr, _), s in by_setting.items()}
+                        for n, by_setting in client_prompts.items()}, results)
         reporter.results(results, out)
     return results
 

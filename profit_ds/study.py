@@ -26,6 +26,7 @@ from profit_ds.export import read_prompt
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
 from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize, scored_rows
+from profit_ds.fl.state import State
 from profit_ds.model.backbone import Backbone, load_backbone
 from profit_ds.report import Reporter
 from profit_ds.memory import Budgets
@@ -87,23 +88,26 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
     total = sum((len(c.test) + len(g)) * rows * grid.epochs * len(grid.lrs) * len(grid.prox_lambdas)
                 + len(c.test) for clients, g in splits.values() for c in clients)
     with reporter.task("personalization study", total) as advance:
-        def score(bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]],
+        def score(bank: State, requests: Sequence[tuple[int, EvalSet]],
                   tags: Sequence[dict] = ()) -> list[dict]:
-            return evaluate(run.backbone, bank, requests, run.new_tokens,
+            return evaluate(run.backbone, bank["prompt"], requests, run.new_tokens,
                             run.budgets.generation_rows, advance)
 
         federated, records = {}, []
         for split, (clients, global_set) in splits.items():
             federated[split] = shared_prompt_scores(
-                score(run.prompt.unsqueeze(0), [(0, c.test) for c in clients]), clients)
-            for lam in grid.prox_lambdas:
-                spec = PersonalizeSpec(ClientOptimizer(grid.opt), grid.lrs, grid.epochs,
-                                       run.cfg.batch_size, run.cfg.seed, lam, grid.alphas)
-                k = run.budgets.personalization_group(
-                    scored_rows(clients, global_set, spec), len(clients) * len(grid.lrs))
-                found, _ = personalize(run.backbone, run.prompt, clients, global_set, spec, k,
-                                       score)
-                records += [{"split": split, "prox_lambda": lam, **r} for r in found]
+                score({"prompt": run.prompt.unsqueeze(0)}, [(0, c.test) for c in clients]),
+                clients)
+            # the whole (client, lr, lambda) grid is one bank: lr and lambda are per row
+            spec = PersonalizeSpec(ClientOptimizer(grid.opt), grid.lrs, grid.epochs,
+                                   run.cfg.batch_size, run.cfg.seed, grid.prox_lambdas,
+                                   grid.alphas)
+            k = run.budgets.personalization_group(
+                scored_rows(clients, global_set, spec),
+                len(clients) * len(grid.lrs) * len(grid.prox_lambdas))
+            found, _ = personalize(run.backbone, {"prompt": run.prompt}, clients, global_set,
+                                   spec, k, score)
+            records += [{"split": split, **r} for r in found]
     points = mean_points(records)
     return {"grid": asdict(grid), "federated": federated, "points": points,
             "selected": select(points, federated, grid), "records": records}

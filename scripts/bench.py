@@ -369,6 +369,7 @@ def profit_ds_setup(w: Workload, backbone, clients_in_parallel: str = "auto"):
 def profit_ds_worker(w: Workload, k: str) -> dict:
     """profit-ds's own round on a ZeRO-3 backbone (the whole model at 1 rank), K from the run's
     budgets; for the toy, then batched vs client-by-client generation."""
+    from profit_ds.fl import algorithms
     from profit_ds.fl.optim import ClientOptimizer
     from profit_ds.fl.rounds import RoundSpec, federated_round
     from profit_ds.fl.server import ServerOptimizer, ServerState
@@ -380,9 +381,10 @@ def profit_ds_worker(w: Workload, k: str) -> dict:
     prompt = start_prompt(w, backbone.model, backbone.tokenizer)
     spec = RoundSpec("fedavg", ClientOptimizer("adam"), w.client_lr, w.local_epochs,
                      w.batch_size, ServerOptimizer("sgd", 1.0), w.clients_per_round, w.seed)
-    state = ServerState()
+    state, algorithm = ServerState(), algorithms.create(spec)
     times, prompt = timed_rounds(w, lambda r, p: federated_round(
-        backbone, p, state, data.train_clients, spec, r, k_parallel)[0], prompt)
+        backbone, {"prompt": p}, state, algorithm, data.train_clients, spec, r,
+        k_parallel)[0]["prompt"], prompt)
     result = {"k": min(k_parallel, w.clients_per_round), **times, "prompt": prompt.tolist(),
               "peak_rss": peak_rss_bytes(), "budgets": setup.budgets.to_dict(),
               "resident_bytes": backbone.resident_parameter_bytes(),

@@ -39,7 +39,7 @@ def worker(kind: str, size: int, dtype: str, data: str) -> dict:
     cfg = build(dict(model="smollm2-135m", data=data, dtype=dtype, max_per_client=24,
                      clients_per_round=4))
     s = set_up(cfg, run_partition(cfg, load_tasks(cfg)))
-    bank = torch.randn(8, cfg.prompt_tokens, s.backbone.hidden_size) * 0.05
+    bank = {"prompt": torch.randn(8, cfg.prompt_tokens, s.backbone.hidden_size) * 0.05}
     times = []
     if kind == "train":
         s.backbone.limit = ForwardLimit(s.budgets.forward.costs, 1000 * GB, size)
@@ -53,10 +53,11 @@ def worker(kind: str, size: int, dtype: str, data: str) -> dict:
     else:
         sets = [(k, s.data.global_test) for k in range(len(bank))]
         work = sum(len(x) for _, x in sets)
-        evaluate(s.backbone, bank, [(0, s.data.test_clients[0].test)], s.new_tokens, size)
+        evaluate(s.backbone, bank["prompt"], [(0, s.data.test_clients[0].test)], s.new_tokens,
+                 size)
         for _ in range(1):
             t = time.perf_counter()
-            evaluate(s.backbone, bank, sets, s.new_tokens, size)
+            evaluate(s.backbone, bank["prompt"], sets, s.new_tokens, size)
             times.append(time.perf_counter() - t)
     return {"rate": work / min(times), "peak_rss_mb":
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

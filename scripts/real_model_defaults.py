@@ -74,9 +74,11 @@ def personalize_table(data: str) -> list[str]:
     clients = s.data.test_clients[:4]
 
     def score(bank, requests, tags=()):
-        return evaluate(s.backbone, bank, requests, s.new_tokens, s.budgets.generation_rows)
+        return evaluate(s.backbone, bank["prompt"], requests, s.new_tokens,
+                        s.budgets.generation_rows)
 
-    base = score(prompt.unsqueeze(0), [(0, c.test) for c in clients] + [(0, s.data.global_test)])
+    base = score({"prompt": prompt.unsqueeze(0)},
+                 [(0, c.test) for c in clients] + [(0, s.data.global_test)])
     lines = ["| optimizer | lr | epoch | local ROUGE-L | global ROUGE-L | train loss |",
              "|---|---:|---:|---:|---:|---:|",
              f"| (initial prompt) | | 0 | {sum(b['rouge_l'] for b in base[:-1]) / len(clients):.2f}"
@@ -84,8 +86,8 @@ def personalize_table(data: str) -> list[str]:
     print(lines[-1], flush=True)
     for opt, lrs in (("sgd", (0.1, 0.3, 1.0, 3.0)), ("adam", (0.001, 0.003, 0.01, 0.03))):
         spec = PersonalizeSpec(ClientOptimizer(opt), lrs, 2, cfg.batch_size, cfg.seed)
-        records, _ = personalize(s.backbone, prompt, clients, s.data.global_test, spec,
-                                 len(clients) * len(lrs), score)
+        records, _ = personalize(s.backbone, {"prompt": prompt}, clients, s.data.global_test,
+                                 spec, len(clients) * len(lrs), score)
         for r in summarize(records):
             lines.append(f"| {opt} | {r['lr']:g} | {r['epoch']} | {r['local_rouge_l']:.2f} | "
                          f"{r['global_rouge_l']:.2f} | {r['train_loss']:.3f} |")

@@ -121,12 +121,13 @@ def test_activation_checkpointing_gives_the_same_gradients(backbone, reference_m
     rows = [(c, e) for c, (_, e) in enumerate(_rows(6, 12, 3, clients=6))]
     rows = [(c % 3, Encoded(tuple(x % 500 + 4 for x in e.source), (5, 6, 2))) for c, e in rows]
     bank = torch.randn(3, 4, backbone.hidden_size, generator=torch.Generator().manual_seed(0))
-    plain_grads, plain_loss = mean_loss_gradients(backbone, bank, rows, len(rows))
+    plain_grads, plain_loss = mean_loss_gradients(backbone, {"prompt": bank}, rows, len(rows))
     backbone.checkpointing = True
     try:
-        ckpt_grads, ckpt_loss = mean_loss_gradients(backbone, bank, rows, len(rows))
+        ckpt_grads, ckpt_loss = mean_loss_gradients(backbone, {"prompt": bank}, rows, len(rows))
     finally:
         backbone.checkpointing = False
+    plain_grads, ckpt_grads = plain_grads["prompt"], ckpt_grads["prompt"]
     assert torch.allclose(plain_loss, ckpt_loss, rtol=1e-5)
     assert float((plain_grads - ckpt_grads).norm() / plain_grads.norm()) < 1e-5
 

@@ -65,6 +65,12 @@ def _rows(tokenizer, clients: int) -> list[tuple[int, Encoded]]:
             for e in encode(tokenizer, [to_example(t, i) for i in t.instances])]
 
 
+def _prompt_grads(backbone, bank: torch.Tensor, rows, rows_per_forward: int):
+    """`mean_loss_gradients` of a prompt bank given as a tensor; the gradient as a tensor."""
+    grads, losses = mean_loss_gradients(backbone, {"prompt": bank}, rows, rows_per_forward)
+    return grads["prompt"], losses
+
+
 def _bank(k: int, hidden: int) -> torch.Tensor:
     return torch.randn(k, 4, hidden, generator=torch.Generator().manual_seed(0)) * 0.1
 
@@ -157,8 +163,8 @@ def test_bf16_gradient_is_close_to_fp32(backbone, bf16_backbone):
     assert next(bf16_backbone.model.parameters()).dtype == torch.bfloat16
     rows = _rows(backbone.tokenizer, clients=3)
     bank = _bank(3, backbone.hidden_size)
-    g32, loss32 = mean_loss_gradients(backbone, bank, rows, 64)
-    g16, loss16 = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+    g32, loss32 = _prompt_grads(backbone, bank, rows, 64)
+    g16, loss16 = _prompt_grads(bf16_backbone, bank, rows, 64)
     assert g16.dtype == torch.float32 and loss16.dtype == torch.float32  # fp32 master state
     for k in range(3):
         cos = torch.nn.functional.cosine_similarity(g16[k].flatten(), g32[k].flatten(), dim=0)
@@ -175,10 +181,10 @@ def test_bf16_on_cpu_uses_eager_attention_with_sdpa_gradients(backbone, bf16_bac
     assert model.config._attn_implementation == "eager"
     rows = _rows(backbone.tokenizer, clients=3)
     bank = _bank(3, backbone.hidden_size)
-    eager, _ = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+    eager, _ = _prompt_grads(bf16_backbone, bank, rows, 64)
     model.set_attn_implementation("sdpa")
     try:
-        sdpa, _ = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+        sdpa, _ = _prompt_grads(bf16_backbone, bank, rows, 64)
     finally:
         model.set_attn_implementation("eager")
     assert eager.abs().sum() > 0
@@ -200,11 +206,11 @@ def test_bf16_forwards_past_eager_keys_take_sdpa(backbone, bf16_backbone, monkey
     assert 0 < limit < bf16_backbone.model.config.max_position_embeddings - prompt - 8
     short = _rows(backbone.tokenizer, clients=1)[:2]
     assert max(len(e.source) + len(e.target) for _, e in short) + prompt <= limit
-    mean_loss_gradients(bf16_backbone, _bank(1, backbone.hidden_size), short, 64)
+    _prompt_grads(bf16_backbone, _bank(1, backbone.hidden_size), short, 64)
     assert not calls  # eager
     source = tuple(range(5, 5 + limit - prompt))  # with its target: past the limit
     longest = [(0, Encoded(source, (7, 8, backbone.tokenizer.eos_token_id)))]
-    grads, _ = mean_loss_gradients(bf16_backbone, _bank(1, backbone.hidden_size), longest, 64)
+    grads, _ = _prompt_grads(bf16_backbone, _bank(1, backbone.hidden_size), longest, 64)
     assert calls and grads.abs().sum() > 0
     assert bf16_backbone.model.config._attn_implementation == "eager"  # restored after
     assert costs.key_bytes(limit) == limit * costs.train_key > 0 and costs.key_bytes(limit + 1) == 0
@@ -220,8 +226,8 @@ def test_an_offload_config_keeps_zero3_at_one_rank(tiny_model_dir, backbone, bf1
     assert all(hasattr(p, "ds_id") for p in offloaded.model.parameters())
     rows = _rows(backbone.tokenizer, clients=3)
     bank = _bank(3, backbone.hidden_size)
-    sharded, _ = mean_loss_gradients(offloaded, bank, rows, 64)
-    whole, _ = mean_loss_gradients(bf16_backbone, bank, rows, 64)
+    sharded, _ = _prompt_grads(offloaded, bank, rows, 64)
+    whole, _ = _prompt_grads(bf16_backbone, bank, rows, 64)
     assert whole.abs().sum() > 0
     assert (sharded - whole).norm() / whole.norm() < 0.02
 

@@ -156,19 +156,19 @@ def test_a_personalization_pair_that_diverges_is_recorded_and_left_out(monkeypat
 
     def poisoned(bb, bank, rows_, n):
         grads, losses = real(bb, bank, rows_, n)
-        if bank.shape[0] == 4:  # pairs (c0, 1), (c0, 2), (c1, 1), (c1, 2): poison (c1, 1)
+        if bank["prompt"].shape[0] == 4:  # pairs (c0, 1), (c0, 2), (c1, 1), (c1, 2): poison (c1, 1)
             losses[2] = float("nan")
         return grads, losses
     monkeypatch.setattr(local, "mean_loss_gradients", poisoned)
-    prompt = torch.zeros(3, backbone.hidden_size)
+    prompt = {"prompt": torch.zeros(3, backbone.hidden_size)}
     spec = PersonalizeSpec(ClientOptimizer("sgd"), [1.0, 2.0], 2, 2, 0)
     records, prompts = personalize(
         backbone, prompt, clients, test, spec, 4,
-        lambda bank, req, tags=(): evaluate(backbone, bank, req, 2, 8))
+        lambda bank, req, tags=(): evaluate(backbone, bank["prompt"], req, 2, 8))
     bad = [r for r in records if "diverged" in r]
     assert [(r["client"], r["lr"], r["epoch"]) for r in bad] == [("c1", 1.0, 1)]
     assert "personalization client c1 (lr 1, epoch 1)" in bad[0]["diverged"]["message"]
-    assert torch.equal(prompts["c1"][1.0], prompt)  # its last finite prompt: the start
+    assert torch.equal(prompts["c1"][(1.0, 0.0)]["prompt"], prompt["prompt"])  # the start
     scored = {(r["client"], r["lr"], r["epoch"]) for r in records if "diverged" not in r}
     assert scored == {("c0", 1.0, 1), ("c0", 1.0, 2), ("c0", 2.0, 1), ("c0", 2.0, 2),
                       ("c1", 2.0, 1), ("c1", 2.0, 2)}

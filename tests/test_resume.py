@@ -21,8 +21,9 @@ from profit_ds.errors import UsageError
 ROUNDS = 4
 
 
-def _args(model_dir, out):
-    return ["run", "--model", str(model_dir), "--prompt-tokens", "4", "--rounds", str(ROUNDS),
+def _args(model_dir, out, algo="fedavg"):
+    return ["run", "--model", str(model_dir), "--algo", algo, "--prompt-tokens", "4",
+            "--rounds", str(ROUNDS),
             "--clients-per-round", "3", "--instances-per-task", "12", "--batch-size", "4",
             "--client-opt", "adam", "--server-opt", "adam", "--server-lr", "0.05",
             "--personalize-lrs", "0.5,2", "--personalize-epochs", "1",
@@ -48,10 +49,17 @@ def _comparable(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full")
-    res = _run(_args(tiny_model_dir, out))
-    assert res.returncode == 0, res.stderr[-2000:]
-    return _comparable(out)
+    """algo -> the uninterrupted run's comparable outputs (each run once per module)."""
+    runs: dict[str, dict] = {}
+
+    def get(algo: str) -> dict:
+        if algo not in runs:
+            out = tmp_path_factory.mktemp(f"full-{algo}")
+            res = _run(_args(tiny_model_dir, out, algo))
+            assert res.returncode == 0, res.stderr[-2000:]
+            runs[algo] = _comparable(out)
+        return runs[algo]
+    return get
 
 
 def _kill_when(out: Path, args, ready) -> None:
@@ -70,14 +78,17 @@ def _ckpt_seqs(out: Path) -> list[int]:
     return [int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("ckpt-*.safetensors")]
 
 
-@pytest.mark.parametrize("phase,ready", [
-    ("training", lambda out: max(_ckpt_seqs(out), default=0) >= 3),           # after round 2
-    ("personalization", lambda out: max(_ckpt_seqs(out), default=0) >= ROUNDS + 3),
-])
-def test_sigkill_then_resume_matches_uninterrupted(phase, ready, tiny_model_dir, tmp_path,
+AFTER_ROUND_2 = lambda out: max(_ckpt_seqs(out), default=0) >= 3  # noqa: E731
+IN_PERSONALIZATION = lambda out: max(_ckpt_seqs(out), default=0) >= ROUNDS + 3  # noqa: E731
+
+
+@pytest.mark.parametrize("algo,phase,ready", [
+    ("fedavg", "training", AFTER_ROUND_2), ("fedavg", "personalization", IN_PERSONALIZATION)])
+def test_sigkill_then_resume_matches_uninterrupted(algo, phase, ready, tiny_model_dir, tmp_path,
                                                    uninterrupted):
+    uninterrupted = uninterrupted(algo)
     out = tmp_path / phase
-    args = _args(tiny_model_dir, out)
+    args = _args(tiny_model_dir, out, algo)
     _kill_when(out, args, ready)
     res = _run(args + ["--resume"])
     assert res.returncode == 0, res.stderr[-2000:]

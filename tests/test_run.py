@@ -11,6 +11,7 @@ from conftest import SNI_SAMPLE, UNTRAINED
 from safetensors import safe_open
 
 from profit_ds.config import resolve
+from profit_ds.fl.algorithms import ALGORITHMS
 from profit_ds.runner import run
 
 
@@ -103,7 +104,7 @@ def _cli(*args, cwd=None):
 @pytest.mark.parametrize("args,needle", [
     (["--rounds", "0"], "--rounds"),
     (["--client-lr", "-1"], "--client-lr"),
-    (["--algo", "fedprox"], "--algo"),
+    (["--algo", "fedopt"], "--algo fedopt: expected one of " + ", ".join(ALGORITHMS)),
     (["--clients-in-parallel", "many"], "--clients-in-parallel"),
     (["--clients-per-round", "99"], "--clients-per-round"),
     (["--model", "./no/such/dir"], "--model"),

@@ -45,18 +45,35 @@ def _personalize(loaded, lrs=(5.0,), epochs=1, batch_size=None, **kw):
                            batch_size or loaded.cfg.batch_size, loaded.cfg.seed, **kw)
 
     def score(bank, requests, tags=()):
-        return evaluate(loaded.backbone, bank, requests, loaded.new_tokens, 64)
-    return personalize(loaded.backbone, loaded.prompt, loaded.data.test_clients,
-                       loaded.data.global_test, spec, 8, score)
+        return evaluate(loaded.backbone, bank["prompt"], requests, loaded.new_tokens, 64)
+    records, prompts = personalize(loaded.backbone, {"prompt": loaded.prompt},
+                                   loaded.data.test_clients, loaded.data.global_test, spec, 8,
+                                   score)
+    return records, {name: {setting: s["prompt"] for setting, s in by.items()}
+                     for name, by in prompts.items()}
 
 
 def test_lambda_zero_is_plain_personalization(finished):
     """The study rebuilds the run exactly: lambda 0 gives the run's own prompts, bit for bit."""
     out, _, loaded = finished
-    _, prompts = _personalize(loaded, prox_lambda=0.0)
-    for name, by_lr in prompts.items():
+    _, prompts = _personalize(loaded, prox_lambdas=(0.0,))
+    for name, by_setting in prompts.items():
         with safe_open(out / "clients" / f"{name}.safetensors", "pt") as f:
-            assert torch.equal(by_lr[5.0], f.get_tensor("lr=5"))
+            assert torch.equal(by_setting[(5.0, 0.0)], f.get_tensor("lr=5"))
+
+
+def test_a_lambda_grid_in_one_bank_equals_one_bank_per_lambda(finished):
+    """lr and lambda are per-row values: (client, lr, lambda) rows of one bank train as they
+    would apart (a row's gradient does not depend on its batch mates)."""
+    _, _, loaded = finished
+    _, grid = _personalize(loaded, lrs=(1.0, 5.0), batch_size=2, prox_lambdas=(0.0, 0.1))
+    for lam in (0.0, 0.1):
+        _, alone = _personalize(loaded, lrs=(1.0, 5.0), batch_size=2, prox_lambdas=(lam,))
+        for name, by_setting in alone.items():
+            for setting, prompt in by_setting.items():
+                assert torch.allclose(grid[name][setting], prompt, rtol=1e-5, atol=1e-7)
+    some = next(iter(grid.values()))
+    assert not torch.allclose(some[(5.0, 0.0)], some[(5.0, 0.1)])  # lambda did something
 
 
 def test_huge_lambda_keeps_the_global_prompt(finished):
@@ -64,10 +81,10 @@ def test_huge_lambda_keeps_the_global_prompt(finished):
     while plain SGD keeps adding steps (several per epoch with batches of 2)."""
     _, _, loaded = finished
     _, plain = _personalize(loaded, lrs=(1e-4,), epochs=2, batch_size=2)
-    _, prox = _personalize(loaded, lrs=(1e-4,), epochs=2, batch_size=2, prox_lambda=1e4)
+    _, prox = _personalize(loaded, lrs=(1e-4,), epochs=2, batch_size=2, prox_lambdas=(1e4,))
     for name in prox:
-        moved = (plain[name][1e-4] - loaded.prompt).norm()
-        held = (prox[name][1e-4] - loaded.prompt).norm()
+        moved = (plain[name][(1e-4, 0.0)] - loaded.prompt).norm()
+        held = (prox[name][(1e-4, 1e4)] - loaded.prompt).norm()
         assert held <= 1e-4 * loaded.prompt.norm() and held < moved / 2
 
 

@@ -7,6 +7,7 @@ import torch
 from profit_ds.data.builtin import builtin_tasks
 from profit_ds.data.format import to_example
 from profit_ds.fl.clients import ClientData, EvalSet, local_batches
+from profit_ds.fl import algorithms
 from profit_ds.fl.gradients import mean_loss_gradients
 from profit_ds.fl.optim import ClientOptimizer, client_step, init_client_state
 from profit_ds.fl.rounds import RoundSpec, federated_round, sample_clients
@@ -29,7 +30,15 @@ def _clients(backbone, n_clients=3, n_train=6):
 
 def _bank(backbone, k, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(k, P, backbone.hidden_size, generator=g) * 0.1
+    return {"prompt": torch.randn(k, P, backbone.hidden_size, generator=g) * 0.1}
+
+
+def _round(backbone, prompt, state, clients, spec, r, k_parallel, algorithm=None):
+    """One round on a global prompt tensor; returns the new prompt tensor and the metrics."""
+    new, metrics = federated_round(backbone, {"prompt": prompt}, state,
+                                   algorithm or algorithms.create(spec), clients, spec, r,
+                                   k_parallel)
+    return new["prompt"], metrics
 
 
 def _reference_client_grad(model, prompt, encoded):
@@ -47,8 +56,8 @@ def test_zero3_prompt_gradient_equals_unsharded_model(backbone, reference_model)
     rows = [(k, e) for k, c in enumerate(clients) for e in c.train]
     grads, losses = mean_loss_gradients(backbone, bank, rows, rows_per_forward=4)
     for k, c in enumerate(clients):
-        ref_grad, ref_loss = _reference_client_grad(reference_model, bank[k], c.train)
-        rel = (grads[k] - ref_grad).norm() / ref_grad.norm()
+        ref_grad, ref_loss = _reference_client_grad(reference_model, bank["prompt"][k], c.train)
+        rel = (grads["prompt"][k] - ref_grad).norm() / ref_grad.norm()
         assert rel < 1e-5, f"client {k}: relative gradient error {rel:.2e}"
         assert torch.allclose(losses[k], ref_loss, rtol=1e-5)
 
@@ -67,6 +76,7 @@ def test_one_rank_runs_the_whole_model_with_the_same_gradients(tiny_model_dir, b
     rows = [(k, e) for k, c in enumerate(clients) for e in c.train]
     plain, plain_losses = mean_loss_gradients(whole, bank, rows, rows_per_forward=4)
     sharded, sharded_losses = mean_loss_gradients(backbone, bank, rows, rows_per_forward=4)
+    plain, sharded = plain["prompt"], sharded["prompt"]
     assert plain.abs().sum() > 0
     assert (plain - sharded).norm() / sharded.norm() < 1e-6
     assert torch.allclose(plain_losses, sharded_losses, rtol=1e-6)
@@ -75,10 +85,11 @@ def test_one_rank_runs_the_whole_model_with_the_same_gradients(tiny_model_dir, b
 def test_client_gradient_does_not_depend_on_batch_mates(backbone):
     clients = _clients(backbone)
     bank = _bank(backbone, len(clients))
-    alone, _ = mean_loss_gradients(backbone, bank[:1], [(0, e) for e in clients[0].train], 64)
+    alone, _ = mean_loss_gradients(backbone, {"prompt": bank["prompt"][:1]},
+                                   [(0, e) for e in clients[0].train], 64)
     mixed, _ = mean_loss_gradients(backbone, bank, [(k, e) for k, c in enumerate(clients)
                                                     for e in c.train], 64)
-    assert torch.allclose(alone[0], mixed[0], rtol=1e-5, atol=1e-8)
+    assert torch.allclose(alone["prompt"][0], mixed["prompt"][0], rtol=1e-5, atol=1e-8)
 
 
 def test_vectorized_adam_and_sgd_match_torch_optim_per_client():
@@ -91,10 +102,11 @@ def test_vectorized_adam_and_sgd_match_torch_optim_per_client():
     for name, torch_opt in (("adam", lambda p, lr_: torch.optim.AdamW(p, lr=lr_, weight_decay=0.01)),
                             ("sgd", lambda p, lr_: torch.optim.SGD(p, lr=lr_, weight_decay=0.01))):
         opt = ClientOptimizer(name, weight_decay=0.01)
-        state = init_client_state(opt, bank)
-        ours = bank.clone()
+        state = init_client_state(opt, {"prompt": bank})
+        ours = {"prompt": bank.clone()}
         for g, a in zip(grads_seq, active_seq):
-            ours = client_step(opt, ours, g, state, a, lr)
+            ours = client_step(opt, ours, {"prompt": g}, state, a, lr)
+        ours = ours["prompt"]
         for c in range(k):
             p = torch.nn.Parameter(bank[c].clone())
             ref = torch_opt([p], float(lr[c]))
@@ -112,9 +124,9 @@ def _spec(algo, opt="sgd", lr=0.5, server=ServerOptimizer("sgd", 1.0), per_round
 
 def test_fedavg_one_client_sgd_server_lr1_equals_local_training(backbone, reference_model):
     clients = _clients(backbone, n_clients=1)
-    prompt = _bank(backbone, 1)[0]
+    prompt = _bank(backbone, 1)["prompt"][0]
     spec = _spec("fedavg", "sgd", lr=0.5)
-    new, metrics = federated_round(backbone, prompt, ServerState(), clients, spec, 1, k_parallel=1)
+    new, metrics = _round(backbone, prompt, ServerState(), clients, spec, 1, k_parallel=1)
     # reference: the client's own plain SGD loop on the unsharded model
     p = prompt.clone()
     for batch in local_batches(clients[0].num_examples, 2, 2, f"0/round1/{clients[0].name}"):
@@ -127,9 +139,9 @@ def test_fedavg_one_client_sgd_server_lr1_equals_local_training(backbone, refere
 def test_fedsgd_server_step_is_weighted_mean_gradient_step(backbone, reference_model):
     clients = _clients(backbone, n_clients=3)
     clients[1].train = clients[1].train[:3]  # unequal sizes: the mean is example-weighted
-    prompt = _bank(backbone, 1)[0]
+    prompt = _bank(backbone, 1)["prompt"][0]
     spec = _spec("fedsgd", server=ServerOptimizer("sgd", 0.7), per_round=3)
-    new, _ = federated_round(backbone, prompt, ServerState(), clients, spec, 1, k_parallel=2)
+    new, _ = _round(backbone, prompt, ServerState(), clients, spec, 1, k_parallel=2)
     n = torch.tensor([float(c.num_examples) for c in clients])
     grads = torch.stack([_reference_client_grad(reference_model, prompt, c.train)[0]
                          for c in clients])
@@ -139,7 +151,7 @@ def test_fedsgd_server_step_is_weighted_mean_gradient_step(backbone, reference_m
 
 def test_fedavg_result_does_not_depend_on_clients_in_parallel(backbone):
     clients = _clients(backbone, n_clients=3)
-    prompt = _bank(backbone, 1)[0]
+    prompt = _bank(backbone, 1)["prompt"][0]
     spec = _spec("fedavg", "adam", lr=0.05, per_round=3,
                  server=ServerOptimizer("adam", 0.1))
     results = []
@@ -147,7 +159,7 @@ def test_fedavg_result_does_not_depend_on_clients_in_parallel(backbone):
         state = ServerState()
         p = prompt
         for r in (1, 2):
-            p, _ = federated_round(backbone, p, state, clients, spec, r, k_parallel=k)
+            p, _ = _round(backbone, p, state, clients, spec, r, k_parallel=k)
         results.append(p)
     rel = (results[0] - results[1]).norm() / results[0].norm()
     assert rel < 1e-5
@@ -156,14 +168,14 @@ def test_fedavg_result_does_not_depend_on_clients_in_parallel(backbone):
 def test_server_optimizers_follow_fedopt():
     x = torch.ones(2, 3)
     d = torch.full((2, 3), 0.5)
-    s = ServerState()
-    assert torch.allclose(server_update(ServerOptimizer("sgd", 1.0), x, d, s), x + d)
-    s = ServerState()
-    out = server_update(ServerOptimizer("adam", 0.1, betas=(0.9, 0.99), tau=1e-3), x, d, s)
+
+    def step(opt):
+        return server_update(opt, {"w": x}, {"w": d}, ServerState())["w"]
+    assert torch.allclose(step(ServerOptimizer("sgd", 1.0)), x + d)
+    out = step(ServerOptimizer("adam", 0.1, betas=(0.9, 0.99), tau=1e-3))
     m, v = 0.1 * d, 0.01 * d * d
     assert torch.allclose(out, x + 0.1 * m / (v.sqrt() + 1e-3))
-    s = ServerState()
-    out = server_update(ServerOptimizer("adagrad", 0.1, tau=1e-3), x, d, s)
+    out = step(ServerOptimizer("adagrad", 0.1, tau=1e-3))
     assert torch.allclose(out, x + 0.1 * (0.1 * d) / (d.abs() + 1e-3))
 
 

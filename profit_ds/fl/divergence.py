@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 
 @dataclass
 class Diverged(Exception):
@@ -33,10 +31,3 @@ class Diverged(Exception):
     def record(self) -> dict:
         return {**asdict(self), "message": str(self)}
 
-
-def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
-    """`[K]` bool: whether row k of every tensor (leading axis K) is all finite."""
-    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool)
-    for t in tensors:
-        ok &= torch.isfinite(t.detach().reshape(t.shape[0], -1).float()).all(dim=1).cpu()
-    return ok

@@ -1,4 +1,4 @@
-"""Each client's mean-loss gradient of its prompt, for many clients in one batched pass.
+"""Each client's mean-loss gradient of its state, for many clients in one batched pass.
 
 This is the one place where the backbone runs backward. Rows of all clients in flight are mixed
 in one batch; every rank takes its share of each forward chunk (`distributed.my_share`); the
@@ -18,9 +18,12 @@ from typing import Sequence
 import torch
 
 from profit_ds import distributed
+from profit_ds.adapters import Adapter
+from profit_ds.adapters.prompt import PROMPT
+from profit_ds.fl.state import State, detached, num_rows
 from profit_ds.memory import ForwardLimit
 from profit_ds.model.backbone import Backbone
-from profit_ds.model.prompted import Encoded, client_loss_sums, collate
+from profit_ds.model.prompted import Encoded, collate
 
 Row = tuple[int, Encoded]
 
@@ -47,37 +50,41 @@ def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int, limit: F
     return chunks
 
 
-def mean_loss_gradients(backbone: Backbone, bank: torch.Tensor, rows: Sequence[Row],
-                        rows_per_forward: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients `[K, P, D]` of each client's mean token loss, and those mean losses `[K]`.
+def mean_loss_gradients(backbone: Backbone, bank: State, rows: Sequence[Row],
+                        rows_per_forward: int, adapter: Adapter = PROMPT
+                        ) -> tuple[State, torch.Tensor]:
+    """Gradients (a state like `bank`) of each client's mean token loss, and those mean
+    losses `[K]`.
 
     `rows` pairs a bank index with an encoded example; a client with no rows gets zeros.
     `rows_per_forward` bounds the rows of one forward on all ranks together (memory), without
     changing the result beyond float rounding; so does the per-rank token budget.
     """
-    k = bank.shape[0]
+    k = num_rows(bank)
+    extra = adapter.extra_tokens(bank)
     pad = backbone.tokenizer.pad_token_id
     world = distributed.world()
     counts = _label_counts(rows, k)
     denom = counts.clamp(min=1).to(torch.float32)
-    leaf = bank.detach().clone().requires_grad_(True)
+    leaf = detached(bank)
     loss_sums = torch.zeros(k, dtype=torch.float64)
-    for part in forward_chunks(rows, bank.shape[1], max(rows_per_forward, world),
+    for part in forward_chunks(rows, extra, max(rows_per_forward, world),
                                backbone.forward_limit(), world):
         mine = part[distributed.my_share([len(e.source) + len(e.target) for _, e in part])]
         _start_zero3_step(backbone)
         if mine:
             batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
             # the backward too: activation checkpointing recomputes with the same kernel
-            with backbone.training_attention(bank.shape[1] + batch.input_ids.shape[1]):
-                sums = client_loss_sums(backbone.model, leaf, batch, backbone.checkpointing)
+            with backbone.training_attention(extra + batch.input_ids.shape[1]):
+                sums = adapter.loss_sums(backbone.model, leaf, batch, backbone.checkpointing)
                 (sums / denom).sum().backward()
             loss_sums += sums.detach().double().cpu()
         else:  # keep ZeRO-3's collective all-gathers in lock-step with the other ranks
-            _idle_forward_backward(backbone, leaf)
-    grads = leaf.grad if leaf.grad is not None else torch.zeros_like(bank)
-    distributed.all_reduce_sum(grads, loss_sums)
-    return grads.to(bank.dtype), (loss_sums / counts.clamp(min=1)).to(torch.float32)
+            _idle_forward_backward(backbone, leaf, adapter)
+    grads = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in leaf.items()}
+    distributed.all_reduce_sum(*grads.values(), loss_sums)
+    return ({n: g.to(bank[n].dtype) for n, g in grads.items()},
+            (loss_sums / counts.clamp(min=1)).to(torch.float32))
 
 
 def _start_zero3_step(backbone: Backbone) -> None:
@@ -103,10 +110,10 @@ def _label_counts(rows: Sequence[Row], num_clients: int) -> torch.Tensor:
     return torch.zeros(num_clients, dtype=torch.float64).index_add_(0, clients, sizes)
 
 
-def _idle_forward_backward(backbone: Backbone, leaf: torch.Tensor) -> None:
+def _idle_forward_backward(backbone: Backbone, leaf: State, adapter: Adapter) -> None:
     """A rank with no rows in a chunk still joins the parameter all-gathers, with a 1-token row
     whose loss is multiplied by zero."""
     eos = backbone.tokenizer.eos_token_id
     batch = collate([Encoded((eos,), (eos,))], [0], backbone.tokenizer.pad_token_id)
-    (client_loss_sums(backbone.model, leaf, batch, backbone.checkpointing).sum() * 0.0
+    (adapter.loss_sums(backbone.model, leaf, batch, backbone.checkpointing).sum() * 0.0
      ).backward()

@@ -1,0 +1,47 @@
+"""FedAvg (McMahan et al. 2017): each sampled client starts from the global state, runs
+`local_epochs` of its client optimizer, and returns its change; the server averages the
+changes weighted by the clients' example counts and applies the server optimizer to that
+(SGD with lr 1: plain averaging).
+
+Variants that only add a term to the clients' gradients (FedProx, SCAFFOLD) subclass this and
+override `extra_grad`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from profit_ds.fl.algorithms.base import ClientWork, Stateless
+from profit_ds.fl.clients import ClientData
+from profit_ds.fl.local import GradTerm, run_local_steps
+from profit_ds.fl.optim import init_client_state
+from profit_ds.fl.state import State, expand, sub
+
+
+if TYPE_CHECKING:
+    from profit_ds.fl.rounds import RoundSpec
+
+
+@dataclass
+class FedAvg(Stateless):
+    spec: "RoundSpec"
+    name: str = "fedavg"
+
+    def client_updates(self, work: ClientWork, model: State, group: Sequence[ClientData]
+                       ) -> tuple[State, torch.Tensor]:
+        bank = expand(model, len(group))
+        opt = self.spec.client_opt
+        lr = torch.full((len(group),), self.spec.client_lr)
+        new_bank, losses = run_local_steps(work.backbone, bank, opt, init_client_state(opt, bank),
+                                           lr, work.schedules(group), after_step=work.after_step,
+                                           extra_grad=self.extra_grad(model, group))
+        return sub(new_bank, bank), losses
+
+    def extra_grad(self, model: State, group: Sequence[ClientData]) -> GradTerm | None:
+        """A term added to the group's loss gradients at every local step (none here)."""
+        return None
+
+
+ALGORITHM = FedAvg

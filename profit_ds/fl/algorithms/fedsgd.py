@@ -1,0 +1,36 @@
+"""FedSGD: each sampled client returns one gradient of its mean loss over all its local
+examples (batch size infinity, one step); the server applies its optimizer to minus their
+example-weighted mean."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from profit_ds.fl.algorithms.base import ClientWork, Stateless
+from profit_ds.fl.clients import ClientData
+from profit_ds.fl.gradients import mean_loss_gradients
+from profit_ds.fl.state import State, expand, scale
+
+
+if TYPE_CHECKING:
+    from profit_ds.fl.rounds import RoundSpec
+
+
+@dataclass
+class FedSGD(Stateless):
+    spec: "RoundSpec"
+    name: str = "fedsgd"
+
+    def client_updates(self, work: ClientWork, model: State, group: Sequence[ClientData]
+                       ) -> tuple[State, torch.Tensor]:
+        rows = [(k, e) for k, c in enumerate(group) for e in c.train]
+        grads, losses = mean_loss_gradients(work.backbone, expand(model, len(group)), rows,
+                                            len(rows))
+        if work.after_step:
+            work.after_step()
+        return scale(grads, -1.0), losses
+
+
+ALGORITHM = FedSGD
