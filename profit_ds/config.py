@@ -72,6 +72,8 @@ class RunConfig:
                                               "instruct models).")
     # federated training
     algo: str = option("fedavg", " | ".join(ALGORITHMS) + " (profit_ds/fl/algorithms/)")
+    prox_mu: float = option(0.01, "--algo fedprox: the proximal weight mu (mu/2 ||w - "
+                                  "w_global||^2 on every local step).")
     rounds: int = option(15, "Federated rounds.")
     clients_per_round: int = option(12, "Clients sampled per round.")
     local_epochs: int = option(2, "FedAvg local epochs.")
@@ -163,6 +165,7 @@ def validate(cfg: RunConfig) -> None:
                  "num_clients"):
         _positive(name, getattr(cfg, name))
     _positive("prompt_tokens", cfg.prompt_tokens)
+    _positive("prox_mu", cfg.prox_mu, allow_zero=True)
     _positive("memory_budget", cfg.memory_budget)
     if cfg.prompt_init == "text" and not cfg.prompt_init_text.strip():
         raise UsageError("--prompt-init-text: give a phrase for --prompt-init text")

@@ -324,7 +324,8 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
                      client_lr=cfg.client_lr, local_epochs=cfg.local_epochs,
                      batch_size=cfg.batch_size,
                      server_opt=ServerOptimizer(cfg.server_opt, cfg.server_lr),
-                     clients_per_round=cfg.clients_per_round, seed=cfg.seed)
+                     clients_per_round=cfg.clients_per_round, seed=cfg.seed,
+                     prox_mu=cfg.prox_mu)
     algorithm = algorithms.create(spec)
     algorithm.load(progress.algorithm)
     metrics_path = out / "metrics.jsonl"

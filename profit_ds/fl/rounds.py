@@ -33,6 +33,7 @@ class RoundSpec:
     server_opt: ServerOptimizer
     clients_per_round: int
     seed: int
+    prox_mu: float = 0.0
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:

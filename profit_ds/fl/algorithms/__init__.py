@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 ALGORITHMS = {
     "fedavg": "profit_ds.fl.algorithms.fedavg",
     "fedsgd": "profit_ds.fl.algorithms.fedsgd",
+    "fedprox": "profit_ds.fl.algorithms.fedprox",
 }
 
 
