@@ -80,7 +80,7 @@ def _run_in_process(model_dir: Path, out: Path, **settings) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["fedavg", "fedsgd"])
+@pytest.fixture(scope="module", params=["fedavg", "fedsgd", "scaffold"])
 def one_rank_k8(request, tiny_model_dir, tmp_path_factory, backbone) -> tuple[str, Path]:
     """The reference run: 1 rank, K=8 (all 4 clients of a round in one step, personalization
     pairs 8 at a time)."""

@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL (mid-training or mid-personalization) and resumed
-ends with the same prompts and metrics as an uninterrupted run; bad checkpoints are detected."""
+ends with the same prompts and metrics as an uninterrupted run, for a stateless algorithm and
+for SCAFFOLD (whose control variates must be restored); bad checkpoints are detected."""
 from __future__ import annotations
 
 import json
@@ -83,7 +84,8 @@ IN_PERSONALIZATION = lambda out: max(_ckpt_seqs(out), default=0) >= ROUNDS + 3  
 
 
 @pytest.mark.parametrize("algo,phase,ready", [
-    ("fedavg", "training", AFTER_ROUND_2), ("fedavg", "personalization", IN_PERSONALIZATION)])
+    ("fedavg", "training", AFTER_ROUND_2), ("fedavg", "personalization", IN_PERSONALIZATION),
+    ("scaffold", "training", AFTER_ROUND_2)])
 def test_sigkill_then_resume_matches_uninterrupted(algo, phase, ready, tiny_model_dir, tmp_path,
                                                    uninterrupted):
     uninterrupted = uninterrupted(algo)

@@ -18,6 +18,7 @@ ALGORITHMS = {
     "fedavg": "profit_ds.fl.algorithms.fedavg",
     "fedsgd": "profit_ds.fl.algorithms.fedsgd",
     "fedprox": "profit_ds.fl.algorithms.fedprox",
+    "scaffold": "profit_ds.fl.algorithms.scaffold",
 }
 
 
