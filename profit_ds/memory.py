@@ -96,6 +96,11 @@ class TokenCosts:
         attention's up to `eager_keys`; beyond, that forward takes SDPA, which saves none."""
         return keys * self.train_key if keys <= self.eager_keys else 0
 
+    def same_kernel(self, keys: int, other: int) -> bool:
+        """Whether forwards attending to `keys` and to `other` keys take the same attention
+        kernel (eager up to `eager_keys`, SDPA past it; one kernel without eager)."""
+        return not self.eager_keys or (keys <= self.eager_keys) == (other <= self.eager_keys)
+
     def generate(self, rows: int, context: int, new_tokens: int) -> int:
         """One generate call of `rows` rows of `context` positions (prompt and source)."""
         return rows * ((context + new_tokens) * self.kv_token + context * self.prefill_token
@@ -121,7 +126,7 @@ def token_costs(dims: Dims, dtype: str, eager_attention: bool = False,
 
 def eager_up_to(dims: Dims, b: int) -> int:
     """The most keys a training forward attends to with eager attention, where the backbone
-    trains with it (bf16 on a CPU, `backbone.attention_implementation`): while its saved
+    trains with it (on a CPU, `backbone.attention_implementation`): while its saved
     scores, H x (4 + b) bytes per key, are no more than the layer's other saved activations
     per position, (8D + 3I) x b. Longer forwards take SDPA, whose flash kernel saves no
     scores and there is also the faster one (SmolLM2, bf16, forward and backward of one layer's

@@ -28,6 +28,11 @@ def _chunk_bytes(costs: memory.TokenCosts, chunk, prompt: int) -> int:
     return costs.train(len(chunk), longest, prompt + longest, sum(len(e.target) for _, e in chunk))
 
 
+def _rows_of(forwards):
+    """Each forward's rows (a forward is a list of units, each a list of rows)."""
+    return [[row for unit in units for row in unit] for units in forwards]
+
+
 def test_llama_7b_on_one_80gb_gpu_run_budgets_fit_the_plan(monkeypatch):
     """What `profit-ds plan --model llama-7b --gpus 1` says fits, and what a run on that GPU
     does: the run reads the free memory after loading (mocked as the plan assumes it), sizes
@@ -49,7 +54,7 @@ def test_llama_7b_on_one_80gb_gpu_run_budgets_fit_the_plan(monkeypatch):
 
     target = work.target_tokens
     step = _rows(run.clients_in_parallel * work.micro_batch * 3, work.seq_len - target, target)
-    chunks = forward_chunks(step, work.prompt_tokens, len(step), run.forward)
+    chunks = _rows_of(forward_chunks(step, work.prompt_tokens, len(step), run.forward))
     assert sum(len(c) for c in chunks) == len(step)
     costs = run.forward.costs
     for chunk in chunks:
@@ -73,7 +78,7 @@ def test_budgets_never_exceed_the_given_memory(budget_gb):
     assert limit == int(budget_gb * GB) and "--memory-budget" in source
     b = memory.budgets(shape.dims, "bf16", True, limit, "cpu", work)
     single = b.forward.costs.train(1, work.longest_row, 20 + work.longest_row, 20)
-    for chunk in forward_chunks(rows, 20, len(rows), b.forward):
+    for chunk in _rows_of(forward_chunks(rows, 20, len(rows), b.forward)):
         fits = _chunk_bytes(b.forward.costs, chunk, 20) <= limit
         assert fits or (len(chunk) == 1 and single > limit)
     row = b.forward.costs.generate(1, work.longest_context, work.new_tokens)

@@ -189,6 +189,7 @@ def test_unfinished_run_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
 
 def test_same_seed_same_config_is_bit_identical_across_processes(tiny_model_dir, tmp_path,
                                                                  uninterrupted):
+    uninterrupted = uninterrupted("fedavg")
     out = tmp_path / "again"
     res = _run(_args(tiny_model_dir, out))
     assert res.returncode == 0, res.stderr[-2000:]

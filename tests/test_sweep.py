@@ -69,7 +69,7 @@ GOOD = {"base": {"rounds": 2}, "settings": [{"name": "a", "algo": "fedavg"}],
     ({"settings": [{"algo": "fedsgd"}]}, ["settings[0].name"]),
     # values config.validate rejects: named by flag and by cell, before any cell runs
     ({"grid": {"client_lr": [0.1, -1]}}, ["cell 3/4", "--client-lr"]),
-    ({"settings": [{"name": "a"}, {"name": "b", "algo": "fedprox"}]}, ["cell 5/8", "--algo"]),
+    ({"settings": [{"name": "a"}, {"name": "b", "algo": "fedopt"}]}, ["cell 5/8", "--algo"]),
     # values only the data can refuse: checked for every cell before the first one runs
     ({"grid": {"heterogeneity": ["task", "clusters:3"]}}, ["cell 3", "--heterogeneity"]),
     ({"grid": {"clients_per_round": [2, 99]}}, ["cell 3", "--clients-per-round 99"]),

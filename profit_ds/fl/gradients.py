@@ -1,15 +1,28 @@
 """Each client's mean-loss gradient of its state, for many clients in one batched pass.
 
 This is the one place where the backbone runs backward. Rows of all clients in flight are mixed
-in one batch; every rank takes its share of each forward chunk (`distributed.my_share`); the
-per-client denominators (label tokens) are computed from the whole batch on every rank, so the
-sum over ranks of the local gradients is the exact gradient; one all_reduce per call sums them
-(DESIGN.md 2-4).
+in one batch; every rank takes its share of each forward; the per-client denominators (label
+tokens) are computed from the whole batch on every rank, so the sum over ranks of the local
+gradients is the exact gradient; one all_reduce per call sums them (DESIGN.md 2-4).
 
-Rows are sorted by length before they are cut into forward chunks, so a chunk pads its rows to
-a length they nearly share: mixing clients with different text lengths costs no padding. A
-chunk is bounded by a token budget per rank as well as by rows: on a CPU, activations that
-outgrow the caches make the elementwise kernels memory-bound (measured in docs/BENCHMARKS.md).
+A client's gradient does not depend on which other clients share its step (K) or on the number
+of ranks, bit for bit where the rows take eager attention (tests/test_exactness.py):
+
+- its rows are cut into *units* by its own rows alone (longest first, as many as one rank's
+  forward holds): a unit is what is summed in the model's dtype, and that cut is the same
+  whatever else is in flight;
+- each unit reads its own copy of its client's state (an `index_select` of a float64 copy of
+  the bank), so units of one client in one forward are summed apart, and the units' gradients
+  meet in float64, whose sums of a few float32 values are exact in any order;
+- a row's numbers do not depend on how far its forward pads it: eager attention's masked keys
+  add exact zeros (SDPA's CPU kernel does not: up to 1e-5 apart between paddings of 33 and 40),
+  which is why CPU training takes eager up to `eager_keys` (`backbone.attention_implementation`);
+  a forward never mixes units on both sides of that limit.
+
+Units are packed into forwards longest first, so a forward pads its rows to a length they nearly
+share: mixing clients with different text lengths costs little padding. A forward is bounded by
+a token budget per rank as well as by rows: on a CPU, activations that outgrow the caches make
+the elementwise kernels memory-bound (measured in docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -20,34 +33,63 @@ import torch
 from profit_ds import distributed
 from profit_ds.adapters import Adapter
 from profit_ds.adapters.prompt import PROMPT
-from profit_ds.fl.state import State, detached, num_rows
+from profit_ds.fl.state import State, num_rows
 from profit_ds.memory import ForwardLimit
 from profit_ds.model.backbone import Backbone
 from profit_ds.model.prompted import Encoded, collate
 
 Row = tuple[int, Encoded]
+Unit = list[Row]  # rows of one client, always in one forward, summed together
 
 
-def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int, limit: ForwardLimit,
-                   world: int = 1) -> list[list[Row]]:
-    """Rows longest first, cut into chunks of at most `max_rows` rows over all ranks, each
-    rank's share of which (a `world`-th) fits `limit` (its bytes and padded tokens)."""
-    order = sorted(rows, key=lambda r: -(len(r[1].source) + len(r[1].target)))
-    chunks: list[list[Row]] = []
-    labels = 0
-    for row in order:
-        if chunks:
-            last = chunks[-1]
-            longest = len(last[0][1].source) + len(last[0][1].target)
-            n, with_row = len(last) + 1, labels + len(row[1].target)
-            if n <= max_rows and limit.fits(-(-n // world), longest, num_prompt,
-                                           -(-with_row // world)):
-                last.append(row)
-                labels = with_row
+def _length(row: Row) -> int:
+    return len(row[1].source) + len(row[1].target)
+
+
+def _pack(items: Sequence[Unit], num_prompt: int, max_rows: int, limit: ForwardLimit
+          ) -> list[list[Unit]]:
+    """Greedy, in order: each pack takes items while its rows (padded to its first item's
+    longest row, the pack's longest) fit `max_rows` and `limit`, and take the same attention
+    kernel as its first."""
+    packs: list[list[Unit]] = []
+    rows = labels = 0
+    for item in items:
+        n, with_item = rows + len(item), labels + sum(len(e.target) for _, e in item)
+        if packs:
+            longest = _length(packs[-1][0][0])
+            if (n <= max_rows and limit.fits(n, longest, num_prompt, with_item)
+                    and limit.costs.same_kernel(num_prompt + longest,
+                                                num_prompt + _length(item[0]))):
+                packs[-1].append(item)
+                rows, labels = n, with_item
                 continue
-        chunks.append([row])
-        labels = len(row[1].target)
-    return chunks
+        packs.append([item])
+        rows, labels = len(item), sum(len(e.target) for _, e in item)
+    return packs
+
+
+def client_units(rows: Sequence[Row], num_prompt: int, max_rows: int, limit: ForwardLimit
+                 ) -> list[Unit]:
+    """Each client's rows, longest first, cut into units that fit one rank's forward alone:
+    a function of the client's own rows, never of its batch mates or the ranks."""
+    by_client: dict[int, list[Row]] = {}
+    for row in rows:
+        by_client.setdefault(row[0], []).append(row)
+    units: list[Unit] = []
+    for client in sorted(by_client):
+        mine = sorted(by_client[client], key=lambda r: -_length(r))
+        units += [[r for unit in pack for r in unit]
+                  for pack in _pack([[r] for r in mine], num_prompt, max_rows, limit)]
+    return units
+
+
+def forward_chunks(rows: Sequence[Row], num_prompt: int, max_rows: int, limit: ForwardLimit
+                   ) -> list[list[Unit]]:
+    """One rank's forwards: the units, longest first (ties in client order), packed into
+    forwards of at most `max_rows` rows that fit `limit` (its bytes and padded tokens)."""
+    units = client_units(rows, num_prompt, max_rows, limit)
+    units.sort(key=lambda u: -_length(u[0]))  # stable: ties keep client order
+    return _pack(units, num_prompt, max_rows, limit)
 
 
 def mean_loss_gradients(backbone: Backbone, bank: State, rows: Sequence[Row],
@@ -57,28 +99,31 @@ def mean_loss_gradients(backbone: Backbone, bank: State, rows: Sequence[Row],
     losses `[K]`.
 
     `rows` pairs a bank index with an encoded example; a client with no rows gets zeros.
-    `rows_per_forward` bounds the rows of one forward on all ranks together (memory), without
-    changing the result beyond float rounding; so does the per-rank token budget.
+    `rows_per_forward` bounds the rows of one rank's forward (memory), without changing the
+    result; nor does the per-rank token budget, unless it cuts a client's rows differently.
     """
     k = num_rows(bank)
     extra = adapter.extra_tokens(bank)
     pad = backbone.tokenizer.pad_token_id
-    world = distributed.world()
+    world, rank = distributed.world(), distributed.rank()
     counts = _label_counts(rows, k)
     denom = counts.clamp(min=1).to(torch.float32)
-    leaf = detached(bank)
+    leaf = {n: t.detach().to(torch.float64).requires_grad_(True) for n, t in bank.items()}
     loss_sums = torch.zeros(k, dtype=torch.float64)
-    for part in forward_chunks(rows, extra, max(rows_per_forward, world),
-                               backbone.forward_limit(), world):
-        mine = part[distributed.my_share([len(e.source) + len(e.target) for _, e in part])]
+    batches = forward_chunks(rows, extra, max(rows_per_forward, 1), backbone.forward_limit())
+    for start in range(0, len(batches), world):  # one forward: a batch per rank
+        mine = batches[start + rank] if start + rank < len(batches) else None
         _start_zero3_step(backbone)
         if mine:
-            batch = collate([e for _, e in mine], [c for c, _ in mine], pad)
+            owners = torch.tensor([unit[0][0] for unit in mine])
+            batch = collate([e for unit in mine for _, e in unit],
+                            [u for u, unit in enumerate(mine) for _ in unit], pad)
+            copies = {n: t.index_select(0, owners) for n, t in leaf.items()}
             # the backward too: activation checkpointing recomputes with the same kernel
             with backbone.training_attention(extra + batch.input_ids.shape[1]):
-                sums = adapter.loss_sums(backbone.model, leaf, batch, backbone.checkpointing)
-                (sums / denom).sum().backward()
-            loss_sums += sums.detach().double().cpu()
+                sums = adapter.loss_sums(backbone.model, copies, batch, backbone.checkpointing)
+                (sums / denom.index_select(0, owners).to(sums.device)).sum().backward()
+            loss_sums.index_add_(0, owners, sums.detach().double().cpu())
         else:  # keep ZeRO-3's collective all-gathers in lock-step with the other ranks
             _idle_forward_backward(backbone, leaf, adapter)
     grads = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in leaf.items()}

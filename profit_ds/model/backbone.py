@@ -109,14 +109,17 @@ def resolve_path(name: str) -> str:
 
 
 def attention_implementation(dtype: str) -> str | None:
-    """"eager" for bf16 on a CPU, else None (transformers' default, SDPA).
+    """"eager" on a CPU, else None (transformers' default, SDPA).
 
     PyTorch's CPU flash-attention kernel, which SDPA picks, is slow in bf16: at a training
     step's shape (96 rows, 8 heads, 45 queries, 65 keys) its forward and backward took 93 ms
     against 20 ms for eager attention's plain matmuls and softmax (docs/BENCHMARKS.md). In fp32
-    the two are on par, so fp32 keeps the default and its numerics.
+    the two are on par in speed, but only eager gives a row the same numbers however far its
+    batch pads it (masked keys add exact zeros; SDPA's CPU kernel differed by up to 1e-5
+    between paddings of 33 and 40 on the built-in model), which is what makes a client's
+    gradient independent of its batch mates bit for bit (`fl/gradients.py`).
     """
-    return "eager" if dtype == "bf16" and distributed.device().type == "cpu" else None
+    return "eager" if distributed.device().type == "cpu" else None
 
 
 def load_config_and_tokenizer(name: str, trust_remote_code: bool = False,

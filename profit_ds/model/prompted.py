@@ -145,6 +145,21 @@ def _checkpointed(model) -> Iterator[None]:
         model.train(was_training)
 
 
+GEMM_MIN_ROWS = 16
+
+
+def _at_least_rows(linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` computed with at least GEMM_MIN_ROWS rows (zero rows appended, their
+    outputs dropped): below that the CPU BLAS takes other kernels whose rounding differs
+    (measured: fp32 `linear` at 1, 2 and 4 rows gave other bits than the same rows among
+    600), so a client's few label positions would round differently alone than among
+    other clients'."""
+    short = GEMM_MIN_ROWS - x.shape[0]
+    if short <= 0:
+        return linear(x)
+    return linear(torch.cat([x, x.new_zeros(short, x.shape[1])]))[: x.shape[0]]
+
+
 def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch,
                      checkpointing: bool = False) -> torch.Tensor:
     """Per-client sums of token cross-entropy over label tokens, shape `[K]` (float32).
@@ -189,7 +204,7 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch,
     targets = batch.labels[:, 1:]
     where = (targets != IGNORE).flatten().nonzero().squeeze(1)
     predicting = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)
-    logits = model.get_output_embeddings()(predicting).float()
+    logits = _at_least_rows(model.get_output_embeddings(), predicting).float()
     token_loss = F.cross_entropy(logits, targets.flatten()[where], reduction="none")
     client_of_token = batch.row_client[where // targets.shape[1]]
     return torch.zeros(prompts.shape[0], dtype=token_loss.dtype,
