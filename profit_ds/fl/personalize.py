@@ -164,7 +164,8 @@ def _row_scores(scores: Sequence[dict], rows: int, r: int) -> dict:
 
 def summarize(records: Sequence[dict]) -> list[dict]:
     """Mean over clients for each (lr, epoch): the contract's `personalized` entries (a run
-    personalizes at lambda 0; the study groups its grid itself). A pair that diverged is left out from its epoch on (results.json lists it under `diverged`)."""
+    personalizes at lambda 0; the study groups its grid itself). A pair that diverged is left
+    out from its epoch on (results.json lists it under `diverged`)."""
     scored = [r for r in records if "diverged" not in r]
     keys = sorted({(r["lr"], r["epoch"]) for r in scored})
     out = []

@@ -58,8 +58,11 @@ class Algorithm(Protocol):
         """Restore what `tensors()` saved."""
 
 
+@dataclass
 class Stateless:
-    """An algorithm that keeps nothing between rounds."""
+    """An algorithm that keeps nothing between rounds (what a round is, in `spec`)."""
+
+    spec: "RoundSpec"
 
     def end_round(self, clients: Sequence[ClientData], num_clients: int) -> None:
         pass

@@ -9,7 +9,7 @@ override `extra_grad`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
@@ -20,13 +20,8 @@ from profit_ds.fl.optim import init_client_state
 from profit_ds.fl.state import State, expand, sub
 
 
-if TYPE_CHECKING:
-    from profit_ds.fl.rounds import RoundSpec
-
-
 @dataclass
 class FedAvg(Stateless):
-    spec: "RoundSpec"
     name: str = "fedavg"
 
     def client_updates(self, work: ClientWork, model: State, group: Sequence[ClientData]

@@ -4,7 +4,7 @@ example-weighted mean."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
@@ -14,13 +14,8 @@ from profit_ds.fl.gradients import mean_loss_gradients
 from profit_ds.fl.state import State, expand, scale
 
 
-if TYPE_CHECKING:
-    from profit_ds.fl.rounds import RoundSpec
-
-
 @dataclass
 class FedSGD(Stateless):
-    spec: "RoundSpec"
     name: str = "fedsgd"
 
     def client_updates(self, work: ClientWork, model: State, group: Sequence[ClientData]
