@@ -28,7 +28,7 @@ def test_bank_operations_act_row_by_row_on_every_leaf():
         assert torch.allclose(mean[name], expected)
         assert torch.equal(st.expand(mean, 3)[name][2], mean[name])
         assert st.scale(bank, torch.tensor([0.0, 1.0, 2.0, 3.0]))[name][2].equal(2 * leaf[2])
-    bad = st.clone(bank)
+    bad = {n: t.clone() for n, t in bank.items()}
     bad["B"][3, 0, 0, 0] = float("nan")
     assert st.finite_rows(bad).tolist() == [True, True, True, False]
     assert st.unflatten("x", st.flatten("x", bank)).keys() == bank.keys()

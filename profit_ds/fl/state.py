@@ -88,10 +88,6 @@ def zeros_like(state: State) -> State:
     return {n: torch.zeros_like(t) for n, t in state.items()}
 
 
-def clone(state: State) -> State:
-    return {n: t.clone() for n, t in state.items()}
-
-
 def weighted_mean(bank: State, weights: Sequence[float]) -> State:
     """The global state sum_k w_k bank[k] / sum_k w_k (FedAvg's example weighting)."""
     def mean(t: torch.Tensor) -> torch.Tensor:
@@ -112,11 +108,6 @@ def norm(state: State) -> float:
     """The L2 norm over all leaves together (in the leaves' dtype: it overflows where they
     would)."""
     return float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in state.values()])))
-
-
-def detached(state: State) -> State:
-    """Leaves that require grad, for one backward (a fresh copy of each)."""
-    return {n: t.detach().clone().requires_grad_(True) for n, t in state.items()}
 
 
 def flatten(prefix: str, state: State | None) -> dict[str, torch.Tensor]:

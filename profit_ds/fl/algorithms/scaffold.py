@@ -22,7 +22,8 @@ from profit_ds.fl.algorithms.base import ClientWork
 from profit_ds.fl.algorithms.fedavg import FedAvg
 from profit_ds.fl.clients import ClientData
 from profit_ds.fl.local import GradTerm
-from profit_ds.fl.state import State, add, cat, expand, flatten, row, sub, unflatten, zeros_like
+from profit_ds.fl.state import (State, add, cat, expand, flatten, row, scale, sub, unflatten,
+                                zeros_like)
 
 
 @dataclass
@@ -37,21 +38,20 @@ class Scaffold(FedAvg):
         directions, losses = super().client_updates(work, model, group)
         steps = torch.tensor([float(len(s)) for s in work.schedules(group)])
         # c_i+ = c_i - c + (x - y_i) / (K_i eta), with directions_i = y_i - x
-        new = add(self._drift(model, group, c_minus_ci=False), directions,
+        new = add(scale(self._correction(model, group), -1.0), directions,
                   -1.0 / (steps * self.spec.client_lr))
         for k, client in enumerate(group):
             self.pending[client.name] = row(new, k)
         return directions, losses
 
     def extra_grad(self, model: State, group: Sequence[ClientData]) -> GradTerm | None:
-        correction = self._drift(model, group, c_minus_ci=True)
+        correction = self._correction(model, group)
         return lambda bank: correction
 
-    def _drift(self, model: State, group: Sequence[ClientData], c_minus_ci: bool) -> State:
-        """One row per client of `group`: c - c_i, or c_i - c."""
+    def _correction(self, model: State, group: Sequence[ClientData]) -> State:
+        """c - c_i, one row per client of `group`."""
         c = self.c or zeros_like(model)
-        rows = [self.c_i.get(g.name) or zeros_like(model) for g in group]
-        return cat([expand(sub(c, ci) if c_minus_ci else sub(ci, c), 1) for ci in rows])
+        return cat([expand(sub(c, self.c_i.get(g.name) or zeros_like(model)), 1) for g in group])
 
     def end_round(self, clients: Sequence[ClientData], num_clients: int) -> None:
         """c += (1/N) sum (c_i+ - c_i) over this round's clients; then c_i = c_i+."""
