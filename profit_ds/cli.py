@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import typer
 
-from profit_ds.config import FIELDS, REAL_MODEL_DEFAULTS, field_default, field_type
+from profit_ds.config import (FIELDS, LORA_DEFAULTS, REAL_MODEL_DEFAULTS, field_default,
+                              field_type)
 from profit_ds.errors import Terminated, UsageError, explain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -57,6 +58,9 @@ def config_options(names: Sequence[str]) -> Callable[[Callable], Callable]:
                 text += f" (default: {_shown(default)}"
                 if name in REAL_MODEL_DEFAULTS:
                     text += f"; {_shown(REAL_MODEL_DEFAULTS[name])} for a pretrained --model"
+                if name in LORA_DEFAULTS["builtin"]:
+                    text += (f"; with --adapter lora {_shown(LORA_DEFAULTS['builtin'][name])}, "
+                             f"{_shown(LORA_DEFAULTS['pretrained'][name])} pretrained")
                 text += ")"
             # a flag that defaults to "decide for me" (None) can also be turned off
             flags = [f"{flag}/--no-{flag[2:]}"] if kind is bool and default is None else [flag]

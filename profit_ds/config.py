@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from profit_ds.adapters import ADAPTERS
 from profit_ds.errors import UsageError
 from profit_ds.fl.algorithms import ALGORITHMS
 from profit_ds.model.builtin import BUILTIN_NAMES
@@ -42,6 +43,15 @@ REAL_MODEL_DEFAULTS: dict[str, Any] = {
     "max_target_tokens": 128,     # and target length
     "client_lr": 0.003,
     "personalize_lrs": [0.1, 0.3],
+}
+
+# Defaults that differ for LoRA (`--adapter lora`), by backbone, found by measurement: the
+# built-in model's on its default run (docs/FINDINGS.md, "Prompt tuning vs LoRA"), a
+# pretrained model's on SmolLM2-135M-Instruct with the SNI sample (same section). They take
+# precedence over REAL_MODEL_DEFAULTS, which were tuned for prompts.
+LORA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "builtin": {"client_lr": 0.03, "personalize_lrs": [0.03, 0.1, 0.3]},
+    "pretrained": {"client_lr": 0.001, "personalize_lrs": [0.03, 0.3]},
 }
 
 
@@ -82,12 +92,23 @@ class RunConfig:
     client_lr: float = option(0.1, "Client learning rate.")
     server_opt: str = option("sgd", "Server optimizer: sgd | adam | yogi | adagrad")
     server_lr: float = option(1.0, "Server learning rate (1 with sgd: plain averaging).")
+    adapter: str = option("prompt", " | ".join(ADAPTERS) + ": what each client trains "
+                                    "(profit_ds/adapters/).")
     prompt_tokens: int = option(20, "Virtual tokens P.")
     prompt_init: str = option("vocab", "vocab (embeddings of random tokens) | text (of "
                                        "--prompt-init-text, repeated to P tokens, as PEFT's TEXT "
                                        "init) | random (Gaussian)")
     prompt_init_text: str = option("Follow the instruction and answer the question.",
                                    "The phrase of --prompt-init text.")
+    lora_rank: int = option(8, "--adapter lora: the rank r of every A (r x d_in) and B "
+                               "(d_out x r).")
+    lora_alpha: float = option(16.0, "--adapter lora: the scale alpha (the update is "
+                                     "alpha / r * B A x, as PEFT's lora_alpha).")
+    lora_targets: str = option("q_proj,v_proj", "--adapter lora: comma-separated names of the "
+                                                "linear layers that get an adapter.")
+    lora_aggregation: str = option("fedit", "--adapter lora: fedit (average A and B) | ffa "
+                                            "(A frozen at its init, B trained and averaged) | "
+                                            "fedsa (A averaged, each client keeps its own B)")
     # personalization
     personalize_opt: str = option("sgd", "Personalization optimizer: sgd | adam")
     personalize_lrs: list[float] = option([1.0, 30.0, 300.0], "Comma-separated lr grid (prompt "
@@ -148,10 +169,12 @@ def _positive(name: str, value: float | int | None, allow_zero: bool = False) ->
 
 def validate(cfg: RunConfig) -> None:
     """Reject impossible settings before anything is loaded."""
+    from profit_ds.adapters.lora import AGGREGATIONS
     from profit_ds.fl.optim import CLIENT_OPTIMIZERS
     from profit_ds.fl.server import SERVER_OPTIMIZERS
 
-    choices = {"algo": tuple(ALGORITHMS), "client_opt": CLIENT_OPTIMIZERS,
+    choices = {"algo": tuple(ALGORITHMS), "adapter": tuple(ADAPTERS),
+               "lora_aggregation": AGGREGATIONS, "client_opt": CLIENT_OPTIMIZERS,
                "personalize_opt": CLIENT_OPTIMIZERS, "server_opt": SERVER_OPTIMIZERS,
                "prompt_init": ("vocab", "random", "text"), "dtype": ("fp32", "bf16"),
                "activation_checkpointing": ("auto", "on", "off")}
@@ -165,6 +188,15 @@ def validate(cfg: RunConfig) -> None:
                  "num_clients"):
         _positive(name, getattr(cfg, name))
     _positive("prompt_tokens", cfg.prompt_tokens)
+    _positive("lora_rank", cfg.lora_rank)
+    _positive("lora_alpha", cfg.lora_alpha)
+    if not all(t.strip() for t in cfg.lora_targets.split(",")):
+        raise UsageError(f"--lora-targets {cfg.lora_targets!r}: expected comma-separated "
+                         "module names such as q_proj,v_proj")
+    if cfg.lora_aggregation == "fedsa" and cfg.algo == "fedsgd" and cfg.adapter == "lora":
+        raise UsageError("--lora-aggregation fedsa: clients keep their B between local "
+                         "trainings, which --algo fedsgd does not have (use fedavg, fedprox "
+                         "or scaffold)")
     _positive("prox_mu", cfg.prox_mu, allow_zero=True)
     _positive("memory_budget", cfg.memory_budget)
     if cfg.prompt_init == "text" and not cfg.prompt_init_text.strip():
@@ -270,12 +302,15 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def model_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """`values` (the options set by a file or flags) completed with the defaults that depend
-    on the model: REAL_MODEL_DEFAULTS for any but the built-in one, for the keys not set."""
+    on the model and the adapter: REAL_MODEL_DEFAULTS for any but the built-in one, then
+    LORA_DEFAULTS for `--adapter lora`, for the keys not set."""
     model = values.get("model", RunConfig.__dataclass_fields__["model"].default)
-    if model in BUILTIN_NAMES:
-        return dict(values)
-    return {**{k: (list(v) if isinstance(v, list) else v)
-               for k, v in REAL_MODEL_DEFAULTS.items()}, **values}
+    builtin = model in BUILTIN_NAMES
+    defaults = {} if builtin else dict(REAL_MODEL_DEFAULTS)
+    if values.get("adapter") == "lora":
+        defaults.update(LORA_DEFAULTS["builtin" if builtin else "pretrained"])
+    return {**{k: (list(v) if isinstance(v, list) else v) for k, v in defaults.items()},
+            **values}
 
 
 def build(values: dict[str, Any]) -> RunConfig:

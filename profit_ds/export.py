@@ -1,4 +1,5 @@
-"""Export a run's prompts as PEFT prompt-tuning adapters, with the text format they were trained on.
+"""Export a run's states as PEFT adapters (prompt tuning or LoRA), with the text format they were
+trained on.
 
 A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors` holding
 `prompt_embeddings`) loads with `PeftModel.from_pretrained(base_model, directory)` and then runs
@@ -33,15 +34,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from profit_ds import io
 from profit_ds.config import RunConfig, resolve
 from profit_ds.data.format import FormatSpec, format_source
 from profit_ds.data.types import Instance, Task
 from profit_ds.errors import UsageError
+from profit_ds.fl.state import State
 from profit_ds.model.backbone import resolve_path
 
 FORMAT_FILE = "profit_ds_format.json"
@@ -59,35 +59,29 @@ def client_file(run_dir: Path, client: str) -> str:
     return f"{client}.safetensors"
 
 
-def read_prompt(run_dir: Path, client: str | None, lr: float | None) -> torch.Tensor:
-    """The global prompt, or `client`'s personalized prompt at `lr` (its only one if omitted)."""
+def read_state(run_dir: Path, adapter: str, client: str | None, lr: float | None) -> State:
+    """The global state, or `client`'s personalized state at `lr` (its only one if omitted),
+    as the run wrote them (`runner.global_file`, `runner.setting_keys`)."""
+    from profit_ds.runner import global_file
+
     if client is None:
-        path, key = run_dir / "global_prompt.safetensors", "prompt"
+        path = run_dir / global_file(adapter)
     else:
-        path, key = run_dir / "clients" / client_file(run_dir, client), None
+        path = run_dir / "clients" / client_file(run_dir, client)
     if not path.is_file():
         raise UsageError(f"{path}: no such file (is {run_dir} a finished run?)")
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
-        if key is None:
-            wanted = [k for k in keys if lr is None or k == f"lr={lr:g}"]
-            if len(wanted) != 1:
-                raise UsageError(f"--lr: {path} holds {', '.join(keys)}; pick one with --lr")
-            key = wanted[0]
-        return f.get_tensor(key)
-
-
-def export_peft(prompt: torch.Tensor, base_model: str, out: Path) -> None:
-    """Write `prompt` [P, D] as a PEFT PromptTuning adapter for `base_model`."""
-    from peft import PromptTuningConfig, TaskType
-
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt.shape[0],
-                                token_dim=prompt.shape[1], num_transformer_submodules=1,
-                                base_model_name_or_path=base_model)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    save_file({"prompt_embeddings": prompt.float().contiguous()},
-              out / "adapter_model.safetensors")
+        if client is None:
+            return {k: f.get_tensor(k) for k in keys}
+        settings = sorted({k.split("/", 1)[0] for k in keys})
+        wanted = [k for k in settings if lr is None or k == f"lr={lr:g}"]
+        if len(wanted) != 1:
+            raise UsageError(f"--lr: {path} holds {', '.join(settings)}; pick one with --lr")
+        if wanted[0] in keys:  # a one-leaf state (a prompt) under `lr=X`
+            return {"prompt": f.get_tensor(wanted[0])}
+        head = wanted[0] + "/"
+        return {k[len(head):]: f.get_tensor(k) for k in keys if k.startswith(head)}
 
 
 def source_template(spec: FormatSpec) -> str:
@@ -102,7 +96,8 @@ def source_template(spec: FormatSpec) -> str:
 
 
 def run_format(cfg: RunConfig, prompt_tokens: int, tokenizer,
-               new_tokens: int | None, new_tokens_note: str, chat: bool = False) -> dict:
+               new_tokens: int | None, new_tokens_note: str, chat: bool = False,
+               adapter: str = "prompt") -> dict:
     """Everything needed to turn an example into the token ids the run trained and scored
     on, and to generate as the run did: the one place these facts are written down."""
     spec = FormatSpec(num_positive_examples=cfg.positive_examples)  # as data.for_run builds it
@@ -154,7 +149,7 @@ def run_format(cfg: RunConfig, prompt_tokens: int, tokenizer,
             "pad_token_id": pad,
             "prediction": "the new token ids decoded with skip_special_tokens=True, stripped; "
                           "scored with ROUGE-L against the stripped references",
-            "peft_generate": {
+            "peft_generate": _lora_generate(peft_kwargs) if adapter == "lora" else {
                 "kwargs": peft_kwargs,
                 "how": "one example per call, unpadded: ids = the source ids above; out = "
                        "peft_model.generate(input_ids=torch.tensor([ids]), attention_mask="
@@ -173,6 +168,15 @@ def run_format(cfg: RunConfig, prompt_tokens: int, tokenizer,
                        "cache on): what profit_ds.evaluation.generate.generate does",
         },
     }
+
+
+def _lora_generate(kwargs: dict) -> dict:
+    """How PEFT's generate gives a LoRA run's predictions: LoRA adds no positions, so
+    neither of the prompt adapter's two caveats applies (tests/test_lora.py)."""
+    return {"kwargs": {**kwargs, "use_cache": True},
+            "how": "left-padded batches as usual: out = peft_model.generate(input_ids=ids, "
+                   "attention_mask=mask, **kwargs); prediction = tokenizer.decode(out[r, "
+                   "ids.shape[1]:], skip_special_tokens=True).strip()"}
 
 
 def _resolved(cfg: RunConfig, run_dir: Path, tokenizer) -> tuple[bool, int | None, str]:
@@ -212,18 +216,22 @@ def _max_new_tokens(cfg: RunConfig, run_dir: Path, tokenizer) -> tuple[int | Non
 
 def export_run(run_dir: Path, out: Path, client: str | None = None,
                lr: float | None = None) -> Path:
-    """The run's global (or `client`'s) prompt as a PEFT adapter in `out`, with
-    `profit_ds_format.json` (`run_format`) next to its adapter_config.json."""
+    """The run's global (or `client`'s) state as a PEFT adapter in `out` (prompt tuning or
+    LoRA, as the run trained), with `profit_ds_format.json` (`run_format`) next to its
+    adapter_config.json."""
+    from profit_ds.adapters import create
     from profit_ds.model.backbone import load_config_and_tokenizer
 
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UsageError(f"{config_path}: no such file (is {run_dir} a profit-ds run?)")
     cfg = resolve(None, json.loads(config_path.read_text()))
-    prompt = read_prompt(run_dir, client, lr)
+    adapter = create(cfg)
+    state = read_state(run_dir, adapter.name, client, lr)
     _, tokenizer = load_config_and_tokenizer(cfg.model, cfg.trust_remote_code)
     chat, new_tokens, note = _resolved(cfg, run_dir, tokenizer)
-    export_peft(prompt, resolve_path(cfg.model), out)
-    io.write_json(out / FORMAT_FILE,
-                  run_format(cfg, prompt.shape[0], tokenizer, new_tokens, note, chat))
+    adapter.export(state, resolve_path(cfg.model), out)
+    io.write_json(out / FORMAT_FILE, run_format(cfg, adapter.extra_tokens(
+        {n: t.unsqueeze(0) for n, t in state.items()}), tokenizer, new_tokens, note, chat,
+        adapter.name))
     return out

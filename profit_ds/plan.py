@@ -17,7 +17,9 @@ parameters on G = gpus x nodes GPUs (docs/GPU.md explains each):
                sizes them (profit_ds.memory, the same code): the memory a run finds free on
                this GPU after loading (90% of it, less 1 GB) minus the gathered window is its
                budget; a forward takes rows up to that budget or the GPU's throughput cap.
-  prompts      K x P x D fp32 x 4: the prompt bank, its gradient and Adam's two moments.
+  states       K x (a client state's floats) fp32 x 4: the bank (prompts: P x D each; LoRA:
+               r (d_in + d_out) per target module and layer), its gradient and Adam's two
+               moments.
   runtime      the CUDA context (1 GB, assumed) and the 1 GB the run keeps in reserve.
 
 DeepSpeed's own estimator is reported alongside as a cross-check of the weights + gathered
@@ -71,10 +73,11 @@ class Workload:
 
     gpus: int
     nodes: int
-    prompt_tokens: int
+    prompt_tokens: int  # positions the adapter adds to a row (0 for LoRA)
     seq_len: int
     micro_batch: int
     target_tokens: int
+    state_floats: int = 0  # one client's trainable state (the adapter's `floats`)
 
     @property
     def world(self) -> int:
@@ -246,7 +249,7 @@ def memory(shape: ModelShape, work: Workload, zero, offload: bool, clients: int,
                         int(rows * w.longest_row * w.label_share))
     generation = costs.generate(plan_budgets.generation_rows, w.longest_context, w.new_tokens)
     return Memory(weights=weights, gathered=gathered, activations=max(train, generation),
-                  prompts=clients * work.prompt_tokens * shape.hidden_size * 4 * PROMPT_TENSORS,
+                  prompts=clients * work.state_floats * 4 * PROMPT_TENSORS,
                   runtime=CUDA_CONTEXT + CUDA_RESERVE), plan_budgets
 
 
@@ -263,17 +266,26 @@ def deepspeed_estimate(shape: ModelShape, work: Workload, offload: bool) -> int:
 
 
 def default_workload(name: str, gpus: int, nodes: int = 1, prompt_tokens: int | None = None,
-                     seq_len: int | None = None, micro_batch: int | None = None) -> Workload:
-    """Unset numbers default to what `profit-ds run` would use for this model."""
-    run = build({"model": name})
+                     seq_len: int | None = None, micro_batch: int | None = None,
+                     adapter: dict | None = None) -> Workload:
+    """Unset numbers default to what `profit-ds run` would use for this model; `adapter`:
+    run options of the adapter (e.g. {"adapter": "lora", "lora_rank": 16})."""
+    from profit_ds import adapters
+
+    values = {"model": name, **(adapter or {})}
+    if prompt_tokens:
+        values["prompt_tokens"] = prompt_tokens
+    run = build(values)
     if gpus < 1 or nodes < 1:
         raise UsageError("--gpus and --nodes must be >= 1")
-    work = Workload(gpus=gpus, nodes=nodes,
-                    prompt_tokens=prompt_tokens or run.prompt_tokens,
+    chosen = adapters.create(run)
+    work = Workload(gpus=gpus, nodes=nodes, prompt_tokens=chosen.positions,
                     seq_len=seq_len or run.max_source_tokens + run.max_target_tokens,
                     micro_batch=micro_batch or run.batch_size,
-                    target_tokens=run.max_target_tokens)
-    if min(work.prompt_tokens, work.seq_len, work.micro_batch) < 1:
+                    target_tokens=run.max_target_tokens,
+                    state_floats=chosen.floats(model_shape(name).dims))
+    if min(work.seq_len, work.micro_batch) < 1 or (run.adapter == "prompt"
+                                                    and work.prompt_tokens < 1):
         raise UsageError("--prompt-tokens, --seq-len and --micro-batch must be >= 1")
     return work
 

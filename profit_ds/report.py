@@ -183,10 +183,18 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def adapter_label(cfg: dict) -> str:
+    """What the clients trained: 'prompt', or 'LoRA (fedit, r 8)'."""
+    if cfg.get("adapter", "prompt") == "prompt":
+        return "prompt"
+    return f"LoRA ({cfg.get('lora_aggregation')}, r {cfg.get('lora_rank')})"
+
+
 def federated_table(results: dict) -> Table:
-    table = Table(title="Federated prompt: ROUGE-L (exact match)")
-    for col in ("prompt", "local ROUGE-L", "global ROUGE-L", "local EM", "global EM"):
-        table.add_column(col, justify="right" if col != "prompt" else "left")
+    what = adapter_label(results.get("config", {}))
+    table = Table(title=f"Federated {what}: ROUGE-L (exact match)")
+    for col in (what, "local ROUGE-L", "global ROUGE-L", "local EM", "global EM"):
+        table.add_column(col, justify="right" if col != what else "left")
     rows = [("backbone (no prompt)", "backbone")] if results.get("backbone") else []
     for label, key in rows + [("initial", "initial"), ("federated", "global")]:
         s = results[key]
@@ -197,7 +205,8 @@ def federated_table(results: dict) -> Table:
 
 def personalization_table(results: dict) -> Table:
     base = results["global"]
-    table = Table(title="Personalization: mean over test clients (change vs. federated prompt)")
+    what = adapter_label(results.get("config", {}))
+    table = Table(title=f"Personalization: mean over test clients (change vs. federated {what})")
     for col in ("lr", "epoch", "local ROUGE-L", "global ROUGE-L"):
         table.add_column(col, justify="right")
     for row in results["personalized"]:
@@ -234,7 +243,8 @@ def comparison_table(runs: Sequence[tuple[str, dict]]) -> Table:
         table.add_row(escape(name),
                       escape(f"{cfg.get('model', '?')} ({cfg.get('dtype', '?')})"),
                       escape(f"{cfg.get('data', '?')} ({cfg.get('heterogeneity', '?')})"),
-                      f"{cfg.get('algo', '?')} {client_opt}/{cfg.get('server_opt', '?')}",
+                      f"{cfg.get('algo', '?')} {client_opt}/{cfg.get('server_opt', '?')}"
+                      + ("" if adapter_label(cfg) == "prompt" else f", {adapter_label(cfg)}"),
                       str(cfg.get("seed", "?")), str(cfg.get("rounds", "?")),
                       pair(results.get("initial")),
                       pair(results.get("global")), pair(best),

@@ -16,7 +16,9 @@ from typing import Sequence
 
 import torch
 
-from profit_ds import checkpoint, distributed, io
+from profit_ds import adapters, checkpoint, distributed, io
+from profit_ds.adapters.base import Adapter
+from profit_ds.adapters.prompt import PROMPT
 from profit_ds.config import RunConfig
 from profit_ds.data.for_run import load_tasks, run_partition
 from profit_ds.data.types import Partition
@@ -37,7 +39,7 @@ from profit_ds.fl.state import State, expand, flatten, unflatten
 from profit_ds.model.aliases import resolve_model
 from profit_ds.memory import Budgets, Dims, free_memory, work_shape
 from profit_ds.memory import budgets as memory_budgets
-from profit_ds.model.backbone import DTYPES, Backbone, init_prompt, load_backbone
+from profit_ds.model.backbone import DTYPES, Backbone, load_backbone
 from profit_ds.names import file_stems
 from profit_ds.run_lock import held_by_this_run
 from profit_ds.report import Reporter
@@ -106,7 +108,7 @@ def set_up(cfg: RunConfig, partition: Partition, backbone: Backbone | None = Non
     sets = [c.test for c in clients] + [data.global_test, data.global_validation]
     work = work_shape([(len(e.source), len(e.target)) for c in clients for e in c.train],
                       [len(e.source) for s in sets for e in s.encoded], cfg.batch_size,
-                      cfg.prompt_tokens, new_tokens, distributed.world())
+                      adapters.create(cfg).positions, new_tokens, distributed.world())
     device = distributed.device().type
     memory, source = free_memory(device, cfg.memory_budget)
     if backbone.engine is not None and cfg.memory_budget is None:
@@ -150,7 +152,7 @@ def check_fits(cfg: RunConfig, model_config, tokenizer) -> None:
         raise UsageError(f"--model {cfg.model}: the tokenizer has {len(tokenizer)} "
                          f"tokens but the model's embedding has {rows} rows (mismatched "
                          "tokenizer and weights?)")
-    prompt_tokens = cfg.prompt_tokens
+    prompt_tokens = adapters.create(cfg).positions
     context = getattr(model_config, "max_position_embeddings", None)
     longest = prompt_tokens + (cfg.max_source_tokens or 0) + (cfg.max_target_tokens or 0)
     if context and longest > context:
@@ -200,12 +202,15 @@ class Progress:
     federated: dict | None = None
     records: list[dict] = field(default_factory=list)
     client_prompts: Prompts = field(default_factory=dict)  # name -> (lr, lambda) -> state
+    private: dict[str, State] = field(default_factory=dict)  # train client -> kept leaves
 
     def to_checkpoint(self) -> checkpoint.Checkpoint:
         """Tensors keyed by safe stems (a client's name comes from the data: `names`), the
         stems' names in the state."""
         tensors = {**flatten("model", self.model), **flatten("server", self.server.tensors()),
                    **flatten("algorithm", self.algorithm)}
+        for name, kept in self.private.items():  # by the name in hex: any name, no separator
+            tensors.update(flatten(f"private/{name.encode().hex()}", kept))
         stems = file_stems(self.client_prompts)
         for name, by_setting in self.client_prompts.items():
             for (lr, lam), state in by_setting.items():
@@ -228,9 +233,11 @@ class Progress:
                 by_setting = prompts.setdefault(names.get(stem, stem), {})
                 by_setting.setdefault((lr, lam), {})[leaf] = value
         server = ServerState.from_tensors(st["server_step"], unflatten("server", t) or {})
+        hexes = {k.split("/")[1] for k in t if k.startswith("private/")}
+        private = {bytes.fromhex(h).decode(): unflatten(f"private/{h}", t) for h in hexes}
         return cls(unflatten("model", t), server, unflatten("algorithm", t) or {}, ckpt.round,
                    st["rounds"], st.get("backbone"), st["initial"], st["federated"],
-                   st["records"], prompts)
+                   st["records"], prompts, private)
 
 
 def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
@@ -269,6 +276,8 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
                                           warn=reporter.warn)
     setup = set_up(cfg, partition, backbone)
     backbone, data, new_tokens = setup.backbone, setup.data, setup.new_tokens
+    adapter = adapters.create(cfg)
+    fresh = None if restored else adapter.init(backbone, cfg.seed)  # bad settings fail here
     k_parallel = setup.clients_in_parallel
     reporter.data_summary(partition, backbone, k_parallel)
     reporter.info(_budget_line(setup))
@@ -283,15 +292,15 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
     timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
     rows = setup.budgets.generation_rows
 
-    def score(bank: State, requests: Sequence[tuple[int, EvalSet]], label: str) -> list[dict]:
+    def score(bank: State, requests: Sequence[tuple[int, EvalSet]], label: str,
+              through: Adapter = adapter) -> list[dict]:
         with reporter.task(label, sum(len(s) for _, s in requests)) as advance:
-            return evaluate(backbone, bank["prompt"], requests, new_tokens, rows, advance)
+            return evaluate(backbone, bank, requests, new_tokens, rows, advance, through)
 
-    def score_shared(model: State, phase: str, label: str) -> dict:
-        """One state for every test client (a 0-token prompt: the bare backbone); its
-        predictions file."""
+    def score_shared(model: State, phase: str, label: str, through: Adapter = adapter) -> dict:
+        """One state for every test client; its predictions file."""
         clients = data.test_clients
-        scores = score(expand(model, 1), [(0, c.test) for c in clients], label)
+        scores = score(expand(model, 1), [(0, c.test) for c in clients], label, through)
         predictions.write(phase, [line for c, s in zip(clients, scores) for line in set_lines(
             {"prompt": phase, "client": c.name}, c.test.references, c.test.ids, s)])
         return shared_prompt_scores(scores, clients)
@@ -306,17 +315,18 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         reporter.warn(f"resuming after round {progress.round} "
                       f"({len(progress.records)} personalization records done)")
     else:
-        progress = Progress({"prompt": init_prompt(backbone, cfg.prompt_tokens, cfg.prompt_init,
-                                                   cfg.seed, cfg.prompt_init_text)})
+        progress = Progress(fresh)
     if progress.backbone is None:
         t = time.perf_counter()
-        no_prompt = {"prompt": progress.model["prompt"][:0]}
-        progress.backbone = score_shared(no_prompt, "backbone", "scoring the bare backbone")
+        no_prompt = {"prompt": torch.zeros(0, backbone.hidden_size)}  # the bare backbone
+        progress.backbone = score_shared(no_prompt, "backbone", "scoring the bare backbone",
+                                         PROMPT)
         timing["backbone_eval_s"] = time.perf_counter() - t
         save(progress)
     if progress.initial is None:
         t = time.perf_counter()
-        progress.initial = score_shared(progress.model, "initial", "scoring the initial prompt")
+        progress.initial = score_shared(progress.model, "initial",
+                                        f"scoring the initial {adapter.name}")
         timing["initial_eval_s"] = time.perf_counter() - t
         save(progress)
 
@@ -325,7 +335,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
                      batch_size=cfg.batch_size,
                      server_opt=ServerOptimizer(cfg.server_opt, cfg.server_lr),
                      clients_per_round=cfg.clients_per_round, seed=cfg.seed,
-                     prox_mu=cfg.prox_mu)
+                     prox_mu=cfg.prox_mu, adapter=adapter)
     algorithm = algorithms.create(spec)
     algorithm.load(progress.algorithm)
     metrics_path = out / "metrics.jsonl"
@@ -341,7 +351,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
                 progress.model, metrics = federated_round(backbone, progress.model,
                                                           progress.server, algorithm,
                                                           data.train_clients, spec, r,
-                                                          k_parallel)
+                                                          k_parallel, private=progress.private)
             except Diverged as diverged:
                 diverged.setting = (f"--algo {cfg.algo} --client-opt {cfg.client_opt} "
                                     f"--client-lr {cfg.client_lr:g} --server-opt "
@@ -375,14 +385,14 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
     if progress.federated is None:
         t = time.perf_counter()
         progress.federated = score_shared(progress.model, "federated",
-                                          "scoring the federated prompt")
+                                          f"scoring the federated {adapter.name}")
         timing["global_eval_s"] = time.perf_counter() - t
         save(progress)
 
     t = time.perf_counter()
     timing["personalize_score_s"] = 0.0  # of personalize_s, the rest being local training
     pspec = PersonalizeSpec(ClientOptimizer(cfg.personalize_opt), cfg.personalize_lrs,
-                            cfg.personalize_epochs, cfg.batch_size, cfg.seed)
+                            cfg.personalize_epochs, cfg.batch_size, cfg.seed, adapter=adapter)
     pairs = len(data.test_clients) * len(cfg.personalize_lrs)
     per_pair = {c.name: (len(c.test) + len(data.global_test)) * cfg.personalize_epochs
                 for c in data.test_clients}
@@ -395,7 +405,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
 
         def evaluate_bank(bank, requests, tags):
             t_score = time.perf_counter()
-            scores = evaluate(backbone, bank["prompt"], requests, new_tokens, rows, advance)
+            scores = evaluate(backbone, bank, requests, new_tokens, rows, advance, adapter)
             timing["personalize_score_s"] += time.perf_counter() - t_score
             predictions.append("personalized", [
                 line for (_, s), tag, result in zip(requests, tags, scores)
@@ -419,8 +429,8 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         reporter.warn(f"{record['message']} (left out of the personalization means)")
     results = _results(cfg, setup, partition, progress, records, timing, diverged)
     if main:
-        _write_outputs(out, cfg, progress.model["prompt"],
-                       {n: {lr: s["prompt"] for (lr, _), s in by_setting.items()}
+        _write_outputs(out, cfg, adapter, progress.model,
+                       {n: {lr: s for (lr, _), s in by_setting.items()}
                         for n, by_setting in client_prompts.items()}, results)
         reporter.results(results, out)
     return results
@@ -460,17 +470,31 @@ def _record_order(cfg: RunConfig):
     return lambda r: (r["client"], lr_index[r["lr"]], r["epoch"])
 
 
-def _write_outputs(out: Path, cfg: RunConfig, prompt: torch.Tensor,
-                   client_prompts: dict[str, dict[float, torch.Tensor]], results: dict) -> None:
+def _write_outputs(out: Path, cfg: RunConfig, adapter: Adapter, model: State,
+                   client_states: dict[str, dict[float, State]], results: dict) -> None:
     """Final files; results.json last, since its presence marks the run finished."""
-    meta = {"model": cfg.model, "prompt_tokens": str(prompt.shape[0])}
-    io.write_tensors(out / "global_prompt.safetensors", {"prompt": prompt}, meta)
-    stems = file_stems(client_prompts)
-    for name, by_lr in client_prompts.items():
+    meta = {"model": cfg.model, **adapter.describe(model)}
+    io.write_tensors(out / global_file(adapter.name), model, meta)
+    stems = file_stems(client_states)
+    for name, by_lr in client_states.items():
         io.write_tensors(out / CLIENTS / f"{stems[name]}.safetensors",
-                         {f"lr={lr:g}": p for lr, p in by_lr.items()},
+                         {key: t for lr, state in by_lr.items()
+                          for key, t in setting_keys(lr, state).items()},
                          {**meta, "client": name, "epochs": str(cfg.personalize_epochs)})
     if stems:
         io.write_json(out / CLIENTS / CLIENT_INDEX,
                       {name: f"{stem}.safetensors" for name, stem in stems.items()})
     io.write_json(out / "results.json", results)
+
+
+def global_file(adapter: str) -> str:
+    """The final global state's file: `global_prompt.safetensors`, `global_lora...`."""
+    return f"global_{adapter}.safetensors"
+
+
+def setting_keys(lr: float, state: State) -> dict[str, torch.Tensor]:
+    """A personalized state's keys in its client's file: `lr=X` for a one-leaf state (a
+    prompt), `lr=X/<leaf>` for each leaf of a larger one (LoRA's A and B per module)."""
+    if len(state) == 1:
+        return {f"lr={lr:g}": next(iter(state.values()))}
+    return {f"lr={lr:g}/{leaf}": t for leaf, t in state.items()}

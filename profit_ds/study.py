@@ -15,19 +15,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from profit_ds import distributed, io
 from profit_ds.config import RunConfig, resolve
 from profit_ds.data.for_run import load_tasks, run_partition
 from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
-from profit_ds.export import read_prompt
-from profit_ds.fl.clients import ClientData, EvalSet, FederatedData, encode_partition
+from profit_ds import adapters
+from profit_ds.adapters.base import Adapter
+from profit_ds.export import read_state
+from profit_ds.fl.clients import ClientData, EvalSet, FederatedData
 from profit_ds.fl.optim import ClientOptimizer
 from profit_ds.fl.personalize import PersonalizeSpec, personalize, scored_rows
-from profit_ds.fl.state import State
-from profit_ds.model.backbone import Backbone, load_backbone
+from profit_ds.fl.state import State, expand
+from profit_ds.model.backbone import Backbone
 from profit_ds.report import Reporter
 from profit_ds.memory import Budgets
 from profit_ds.runner import set_up, shared_prompt_scores
@@ -36,12 +36,14 @@ from profit_ds.selection import StudyGrid, mean_points, select
 
 @dataclass
 class FinishedRun:
-    """A finished run rebuilt: its config, backbone, encoded partition and global prompt."""
+    """A finished run rebuilt: its config, backbone, encoded partition, adapter and global
+    state."""
 
     cfg: RunConfig
     backbone: Backbone
     data: FederatedData
-    prompt: torch.Tensor
+    adapter: Adapter
+    model: State
     budgets: Budgets
     new_tokens: int
 
@@ -59,8 +61,10 @@ def load_run(run_dir: Path) -> FinishedRun:
         raise UsageError(f"{run_dir}: the rebuilt partition differs from the run's "
                          "(data changed since the run?)")
     setup = set_up(cfg, partition)
-    return FinishedRun(cfg, setup.backbone, setup.data, read_prompt(run_dir, None, None),
-                       setup.budgets, setup.new_tokens)
+    adapter = adapters.create(cfg)
+    return FinishedRun(cfg, setup.backbone, setup.data, adapter,
+                       read_state(run_dir, adapter.name, None, None), setup.budgets,
+                       setup.new_tokens)
 
 
 def _splits(data: FederatedData, grid: StudyGrid) -> dict[str, tuple[list[ClientData], EvalSet]]:
@@ -90,22 +94,22 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
     with reporter.task("personalization study", total) as advance:
         def score(bank: State, requests: Sequence[tuple[int, EvalSet]],
                   tags: Sequence[dict] = ()) -> list[dict]:
-            return evaluate(run.backbone, bank["prompt"], requests, run.new_tokens,
-                            run.budgets.generation_rows, advance)
+            return evaluate(run.backbone, bank, requests, run.new_tokens,
+                            run.budgets.generation_rows, advance, run.adapter)
 
         federated, records = {}, []
         for split, (clients, global_set) in splits.items():
             federated[split] = shared_prompt_scores(
-                score({"prompt": run.prompt.unsqueeze(0)}, [(0, c.test) for c in clients]),
+                score(expand(run.model, 1), [(0, c.test) for c in clients]),
                 clients)
             # the whole (client, lr, lambda) grid is one bank: lr and lambda are per row
             spec = PersonalizeSpec(ClientOptimizer(grid.opt), grid.lrs, grid.epochs,
                                    run.cfg.batch_size, run.cfg.seed, grid.prox_lambdas,
-                                   grid.alphas)
+                                   grid.alphas, run.adapter)
             k = run.budgets.personalization_group(
                 scored_rows(clients, global_set, spec),
                 len(clients) * len(grid.lrs) * len(grid.prox_lambdas))
-            found, _ = personalize(run.backbone, {"prompt": run.prompt}, clients, global_set,
+            found, _ = personalize(run.backbone, run.model, clients, global_set,
                                    spec, k, score)
             records += [{"split": split, **r} for r in found]
     points = mean_points(records)

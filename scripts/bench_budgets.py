@@ -53,11 +53,11 @@ def worker(kind: str, size: int, dtype: str, data: str) -> dict:
     else:
         sets = [(k, s.data.global_test) for k in range(len(bank))]
         work = sum(len(x) for _, x in sets)
-        evaluate(s.backbone, bank["prompt"], [(0, s.data.test_clients[0].test)], s.new_tokens,
+        evaluate(s.backbone, bank, [(0, s.data.test_clients[0].test)], s.new_tokens,
                  size)
         for _ in range(1):
             t = time.perf_counter()
-            evaluate(s.backbone, bank["prompt"], sets, s.new_tokens, size)
+            evaluate(s.backbone, bank, sets, s.new_tokens, size)
             times.append(time.perf_counter() - t)
     return {"rate": work / min(times), "peak_rss_mb":
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -54,7 +54,7 @@ def format_table(data: str) -> list[str]:
         sets = [c.test for c in clients]
         for init in INITS if (chat, max_source) == (True, 1024) else INITS[:4]:
             t = time.perf_counter()
-            res = evaluate(s.backbone, initial(s, init).unsqueeze(0), [(0, x) for x in sets],
+            res = evaluate(s.backbone, {"prompt": initial(s, init).unsqueeze(0)}, [(0, x) for x in sets],
                            s.new_tokens, s.budgets.generation_rows)
             n = [len(x) for x in sets]
             score = sum(r["rouge_l"] * k for r, k in zip(res, n)) / sum(n)
@@ -74,7 +74,7 @@ def personalize_table(data: str) -> list[str]:
     clients = s.data.test_clients[:4]
 
     def score(bank, requests, tags=()):
-        return evaluate(s.backbone, bank["prompt"], requests, s.new_tokens,
+        return evaluate(s.backbone, bank, requests, s.new_tokens,
                         s.budgets.generation_rows)
 
     base = score({"prompt": prompt.unsqueeze(0)},

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from profit_ds.data.builtin import builtin_tasks
 from profit_ds.data.format import FormatSpec, to_example, truncate_source
 from profit_ds.evaluation.generate import generate
-from profit_ds.export import FORMAT_FILE, export_peft, export_run
+from profit_ds.adapters.prompt import PROMPT
+from profit_ds.export import FORMAT_FILE, export_run
 from profit_ds.model.backbone import Backbone, load_config_and_tokenizer
 from profit_ds.model.builtin import BUILTIN_DIR
 from profit_ds.model.ds_config import without_zero_init
@@ -21,7 +22,7 @@ from profit_ds.model.prompted import client_loss_sums, collate, encode
 def test_peft_adapter_reproduces_profit_ds_loss(reference_model, backbone, tmp_path):
     torch.manual_seed(0)
     prompt = torch.randn(5, reference_model.config.hidden_size) * 0.1
-    export_peft(prompt, "local-tiny", tmp_path / "adapter")
+    PROMPT.export({"prompt": prompt}, "local-tiny", tmp_path / "adapter")
     base = copy.deepcopy(reference_model)  # PEFT wraps its base model; keep the fixture clean
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     task = builtin_tasks(instances_per_task=3)[0]
@@ -94,7 +95,7 @@ def test_peft_generate_reproduces_profit_ds_predictions(tmp_path):
     lengths = [len(i) for i in ids]
     assert len(set(lengths)) == 5 and max(lengths) == limit  # rows are padded; some are cut
 
-    ours = generate(Backbone(model, None, tok, "tiny", torch.float32), prompt.unsqueeze(0),
+    ours = generate(Backbone(model, None, tok, "tiny", torch.float32), {"prompt": prompt.unsqueeze(0)},
                     [(0, e) for e in enc], fmt["generation"]["max_new_tokens"],
                     batch_rows=len(enc))
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), out).eval()

@@ -154,8 +154,8 @@ def test_a_personalization_pair_that_diverges_is_recorded_and_left_out(monkeypat
     clients = [ClientData(f"c{i}", "test", rows, test) for i in range(2)]
     real = local.mean_loss_gradients
 
-    def poisoned(bb, bank, rows_, n):
-        grads, losses = real(bb, bank, rows_, n)
+    def poisoned(bb, bank, rows_, n, adapter):
+        grads, losses = real(bb, bank, rows_, n, adapter)
         if bank["prompt"].shape[0] == 4:  # pairs (c0, 1), (c0, 2), (c1, 1), (c1, 2): poison (c1, 1)
             losses[2] = float("nan")
         return grads, losses
@@ -164,7 +164,7 @@ def test_a_personalization_pair_that_diverges_is_recorded_and_left_out(monkeypat
     spec = PersonalizeSpec(ClientOptimizer("sgd"), [1.0, 2.0], 2, 2, 0)
     records, prompts = personalize(
         backbone, prompt, clients, test, spec, 4,
-        lambda bank, req, tags=(): evaluate(backbone, bank["prompt"], req, 2, 8))
+        lambda bank, req, tags=(): evaluate(backbone, bank, req, 2, 8))
     bad = [r for r in records if "diverged" in r]
     assert [(r["client"], r["lr"], r["epoch"]) for r in bad] == [("c1", 1.0, 1)]
     assert "personalization client c1 (lr 1, epoch 1)" in bad[0]["diverged"]["message"]

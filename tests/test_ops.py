@@ -321,3 +321,18 @@ def test_example_hostfile_parses():
 
     lines = (ROOT / "scripts" / "hostfile.example").read_text().splitlines()
     assert _parse_hostfile(lines) == {"node1": 8, "node2": 8}
+
+
+def test_plan_counts_the_adapters_positions_and_state():
+    """A prompt adds P positions to every row and K x P x D floats of state; LoRA adds no
+    positions and r (d_in + d_out) floats per target module and layer (llama-7b's q_proj and
+    v_proj: 4096 -> 4096), each held 4 times (bank, gradient, Adam's two moments) in fp32."""
+    shape = planning.model_shape("llama-7b")
+    prompt = planning.plan(shape, planning.default_workload("llama-7b", 1), clients_in_parallel=3)
+    lora_work = planning.default_workload("llama-7b", 1, adapter={"adapter": "lora",
+                                                                   "lora_rank": 16})
+    lora = planning.plan(shape, lora_work, clients_in_parallel=3)
+    assert prompt.workload.prompt_tokens == 20 and lora_work.prompt_tokens == 0
+    assert prompt.memory.prompts == 3 * 20 * 4096 * 4 * 4
+    assert lora.memory.prompts == 3 * 32 * 16 * 2 * (4096 + 4096) * 4 * 4
+    assert "client states" in invoke("plan", "--model", "llama-7b", "--adapter", "lora").stdout

@@ -22,8 +22,15 @@ from profit_ds.errors import UsageError
 ROUNDS = 4
 
 
+# what each resumed setting adds to the run's flags: LoRA with FedSA also checkpoints each
+# client's private B
+SETTINGS = {"fedavg": ["--algo", "fedavg"], "scaffold": ["--algo", "scaffold"],
+            "lora-fedsa": ["--algo", "fedavg", "--adapter", "lora", "--lora-aggregation",
+                           "fedsa"]}
+
+
 def _args(model_dir, out, algo="fedavg"):
-    return ["run", "--model", str(model_dir), "--algo", algo, "--prompt-tokens", "4",
+    return ["run", "--model", str(model_dir), *SETTINGS[algo], "--prompt-tokens", "4",
             "--rounds", str(ROUNDS),
             "--clients-per-round", "3", "--instances-per-task", "12", "--batch-size", "4",
             "--client-opt", "adam", "--server-opt", "adam", "--server-lr", "0.05",
@@ -41,7 +48,8 @@ def _comparable(out: Path) -> dict:
     res = json.loads((out / "results.json").read_text())
     for r in res["rounds"]:
         r.pop("seconds")
-    tensors = {"global": load_file(out / "global_prompt.safetensors")["prompt"]}
+    tensors = {f"global/{k}": v for f in out.glob("global_*.safetensors")
+               for k, v in load_file(f).items()}
     for f in sorted((out / "clients").glob("*.safetensors")):
         tensors.update({f"{f.stem}/{k}": v for k, v in load_file(f).items()})
     return {"rounds": res["rounds"], "initial": res["initial"], "global": res["global"],
@@ -85,7 +93,8 @@ IN_PERSONALIZATION = lambda out: max(_ckpt_seqs(out), default=0) >= ROUNDS + 3  
 
 @pytest.mark.parametrize("algo,phase,ready", [
     ("fedavg", "training", AFTER_ROUND_2), ("fedavg", "personalization", IN_PERSONALIZATION),
-    ("scaffold", "training", AFTER_ROUND_2)])
+    ("scaffold", "training", AFTER_ROUND_2), ("lora-fedsa", "training", AFTER_ROUND_2),
+    ("lora-fedsa", "personalization", IN_PERSONALIZATION)])
 def test_sigkill_then_resume_matches_uninterrupted(algo, phase, ready, tiny_model_dir, tmp_path,
                                                    uninterrupted):
     uninterrupted = uninterrupted(algo)

@@ -45,8 +45,8 @@ def _personalize(loaded, lrs=(5.0,), epochs=1, batch_size=None, **kw):
                            batch_size or loaded.cfg.batch_size, loaded.cfg.seed, **kw)
 
     def score(bank, requests, tags=()):
-        return evaluate(loaded.backbone, bank["prompt"], requests, loaded.new_tokens, 64)
-    records, prompts = personalize(loaded.backbone, {"prompt": loaded.prompt},
+        return evaluate(loaded.backbone, bank, requests, loaded.new_tokens, 64)
+    records, prompts = personalize(loaded.backbone, loaded.model,
                                    loaded.data.test_clients, loaded.data.global_test, spec, 8,
                                    score)
     return records, {name: {setting: s["prompt"] for setting, s in by.items()}
@@ -83,9 +83,9 @@ def test_huge_lambda_keeps_the_global_prompt(finished):
     _, plain = _personalize(loaded, lrs=(1e-4,), epochs=2, batch_size=2)
     _, prox = _personalize(loaded, lrs=(1e-4,), epochs=2, batch_size=2, prox_lambdas=(1e4,))
     for name in prox:
-        moved = (plain[name][(1e-4, 0.0)] - loaded.prompt).norm()
-        held = (prox[name][(1e-4, 1e4)] - loaded.prompt).norm()
-        assert held <= 1e-4 * loaded.prompt.norm() and held < moved / 2
+        moved = (plain[name][(1e-4, 0.0)] - loaded.model["prompt"]).norm()
+        held = (prox[name][(1e-4, 1e4)] - loaded.model["prompt"]).norm()
+        assert held <= 1e-4 * loaded.model["prompt"].norm() and held < moved / 2
 
 
 def test_interpolation_endpoints_reproduce_global_and_local_scores(finished):

@@ -1,35 +1,27 @@
-"""Adapters: what a client trains on the frozen backbone, one module each, behind `Adapter`.
+"""Adapters: what a client trains on the frozen backbone, one module each, registered here by
+name (`--adapter`).
 
-The federated code sees only a client state (`fl/state.py`); the adapter is what turns a bank
-of such states into per-client losses over a mixed batch of rows. A new adapter is one module
-and one line in `ADAPTERS`.
+The federated code sees only a client state (`fl/state.py`); the adapter (`base.Adapter`) is
+what turns a bank of such states into per-client losses over a mixed batch of rows, into
+generations and into a PEFT export. The registry names modules instead of importing them, so
+`profit_ds.config` lists the choices without importing torch. Each module defines `ADAPTER`,
+a factory taking the run's config. Adding an adapter is its module and its line below.
 """
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from profit_ds.adapters.base import Adapter
+    from profit_ds.config import RunConfig
 
-from profit_ds.fl.state import State
-from profit_ds.model.prompted import TrainBatch
-
-
-class Adapter(Protocol):
-    name: str
-
-    def extra_tokens(self, bank: State) -> int:
-        """Positions the adapter adds to every row (P for a soft prompt): the token budgets
-        and the attention kernel choice count them."""
-
-    def loss_sums(self, model, bank: State, batch: TrainBatch,
-                  checkpointing: bool = False) -> torch.Tensor:
-        """`[K]` per-client sums of label-token cross-entropy, row r under its client's state
-        `bank[batch.row_client[r]]`; the gradient flows back to `bank`'s leaves."""
+ADAPTERS = {
+    "prompt": "profit_ds.adapters.prompt",
+    "lora": "profit_ds.adapters.lora",
+}
 
 
-def _registry() -> dict[str, Adapter]:
-    from profit_ds.adapters.prompt import PROMPT
-    return {PROMPT.name: PROMPT}
-
-
-ADAPTERS = _registry()
+def create(cfg: "RunConfig") -> "Adapter":
+    """The adapter `cfg.adapter` names, with its settings from `cfg`."""
+    return importlib.import_module(ADAPTERS[cfg.adapter]).ADAPTER.from_config(cfg)

@@ -34,7 +34,8 @@ def _facts_table(result: planning.Plan) -> Table:
     table.add_row("decoder layer / largest module (params)",
                   f"{human_params(shape.decoder_layer_params)} / "
                   f"{human_params(shape.largest_module_params)}")
-    table.add_row("tokens per row (prompt + sequence)",
+    table.add_row("tokens per row (prompt + sequence)" if work.prompt_tokens else
+                  "tokens per row (extra positions + sequence)",
                   f"{work.prompt_tokens} + {work.seq_len}")
     table.add_row("rows per step (K clients x micro batch)",
                   f"{result.clients_in_parallel} x {work.micro_batch}, split over "
@@ -61,7 +62,7 @@ def _memory_table(result: planning.Plan) -> Table:
     for label, value in ((f"weights: {shard}", mem.weights),
                          ("gathered layers + persistent params", mem.gathered),
                          ("activations: one forward or generation batch", mem.activations),
-                         ("prompt bank + grad + Adam (fp32)", mem.prompts),
+                         ("client states + grad + Adam (fp32)", mem.prompts),
                          ("CUDA context, run's reserve", mem.runtime)):
         table.add_row(label, f"{value / GB:.2f}")
     table.add_row("total", f"{mem.total / GB:.2f}", style="bold")
@@ -92,6 +93,11 @@ def plan(
     nodes: int = typer.Option(1, "--nodes", help="Nodes."),
     prompt_tokens: int | None = typer.Option(None, "--prompt-tokens",
                                                 help="Virtual tokens P (default: as run)."),
+    adapter: str = typer.Option("prompt", "--adapter", help="prompt | lora: what each "
+                                                            "client trains."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="--adapter lora: the rank r."),
+    lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets",
+                                     help="--adapter lora: the linear layers adapted."),
     clients_in_parallel: int | None = typer.Option(
         None, "--clients-in-parallel", help="K to check (default: the run's K=auto)."),
     seq_len: int | None = typer.Option(None, "--seq-len",
@@ -107,7 +113,9 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Estimate per-GPU memory for a frozen ZeRO-3 backbone and recommend K and offload."""
-    work = planning.default_workload(model, gpus, nodes, prompt_tokens, seq_len, micro_batch)
+    work = planning.default_workload(model, gpus, nodes, prompt_tokens, seq_len, micro_batch,
+                                     {"adapter": adapter, "lora_rank": lora_rank,
+                                      "lora_targets": lora_targets})
     result = planning.plan(planning.model_shape(model), work, gpu_mem_gb,
                            clients_in_parallel, ds_config)
     if as_json:

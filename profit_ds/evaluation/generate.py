@@ -1,8 +1,9 @@
-"""Batched greedy generation with per-row soft prompts (DESIGN.md point 5).
+"""Batched greedy generation with per-row client states (DESIGN.md point 5).
 
-Rows of many (prompt, example) pairs share each generation batch: row r is left-padded, then
-its prompt `bank[k_r]`, then its source tokens, so every row's prompt sits right before its
-text, as in training. `greedy` decodes with the KV cache as transformers' greedy `generate`
+Rows of many (state, example) pairs share each generation batch: row r is left-padded, then
+its prompt `bank[k_r]` (prompt tuning), then its source tokens, so every row's prompt sits
+right before its text, as in training; LoRA applies row r's adapter inside the backbone
+(`adapters/lora.py`), following the rows as finished ones leave. `greedy` decodes with the KV cache as transformers' greedy `generate`
 does (position ids from the attention mask), and drops each row from the batch once it is
 done. Under ZeRO-3 with several ranks each rank generates its share of every batch
 (contiguous in length order, balanced by padded size; the KV cache's memory is balanced with
@@ -16,18 +17,22 @@ from typing import Callable, Sequence
 import torch
 
 from profit_ds import distributed
+from profit_ds.adapters.base import Adapter
+from profit_ds.adapters.prompt import PROMPT
 from profit_ds.evaluation.rouge import score_predictions
 from profit_ds.fl.clients import EvalSet
+from profit_ds.fl.state import State
 from profit_ds.memory import release_freed_memory
 from profit_ds.model.backbone import Backbone
 from profit_ds.model.prompted import Encoded, model_device, select_cache_rows
 
 
-def _left_padded_inputs(backbone: Backbone, bank: torch.Tensor,
+def _left_padded_inputs(backbone: Backbone, prefix: torch.Tensor | None,
                         jobs: Sequence[tuple[int, Encoded]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row r: left padding, `bank[k_r]`, the source tokens; on the model's device."""
+    """Row r: left padding, `prefix[k_r]` (a prompt, if the adapter has one), the source
+    tokens; on the model's device."""
     pad = backbone.tokenizer.pad_token_id
-    num_prompt = bank.shape[1]
+    num_prompt = 0 if prefix is None else prefix.shape[1]
     length = max(len(e.source) for _, e in jobs)
     ids = torch.full((len(jobs), length), pad, dtype=torch.long)
     for r, (_, e) in enumerate(jobs):
@@ -38,17 +43,20 @@ def _left_padded_inputs(backbone: Backbone, bank: torch.Tensor,
                        device=token_embeds.device)
     for r, (k, e) in enumerate(jobs):
         n_pad = length - len(e.source)
-        embeds[r, n_pad: n_pad + num_prompt] = bank[k].to(embeds.device, embeds.dtype)
+        if num_prompt:
+            embeds[r, n_pad: n_pad + num_prompt] = prefix[k].to(embeds.device, embeds.dtype)
         embeds[r, n_pad + num_prompt:] = token_embeds[r, n_pad:]
         mask[r, n_pad:] = 1
     return embeds, mask
 
 
 @torch.no_grad()
-def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, Encoded]],
+def generate(backbone: Backbone, bank: State, jobs: Sequence[tuple[int, Encoded]],
              max_new_tokens: int, batch_rows: int,
-             advance: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy continuations (decoded, stripped) for `jobs` = (bank index, encoded example).
+             advance: Callable[[int], None] | None = None, adapter: Adapter = PROMPT
+             ) -> list[str]:
+    """Greedy continuations (decoded, stripped) for `jobs` = (bank index, encoded example),
+    row r under its client state `bank[k_r]` through `adapter`.
 
     A job repeated in `jobs` (the same bank row and source) is generated once: a client's
     local test set is part of the global one, and personalization scores a prompt on both
@@ -67,32 +75,37 @@ def generate(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, E
     with backbone.attention("sdpa"):
         for start in range(0, len(order), step):
             batch = order[start: start + step]
-            _generate_batch(backbone, bank, jobs, batch, max_new_tokens, texts)
+            _generate_batch(backbone, adapter, bank, jobs, batch, max_new_tokens, texts)
             release_freed_memory()  # this batch's KV cache, before the next one's
             if advance:
                 advance(sum(copies[i] for i in batch))
     return [texts[i] for i in copy_of]
 
 
-def _generate_batch(backbone: Backbone, bank: torch.Tensor, jobs: Sequence[tuple[int, Encoded]],
-                    idx: list[int], max_new_tokens: int, texts: list[str]) -> None:
+def _generate_batch(backbone: Backbone, adapter: Adapter, bank: State,
+                    jobs: Sequence[tuple[int, Encoded]], idx: list[int], max_new_tokens: int,
+                    texts: list[str]) -> None:
     """Generate jobs `idx` (this rank's share of them) into `texts`."""
     tok = backbone.tokenizer
+    extra = adapter.extra_tokens(bank)
     # a row costs its padded prefill and its decoding steps
-    mine = idx[distributed.my_share([bank.shape[1] + len(jobs[i][1].source) + max_new_tokens
+    mine = idx[distributed.my_share([extra + len(jobs[i][1].source) + max_new_tokens
                                      for i in idx])]
     # an idle rank still generates (one dummy row) to stay in lock-step under ZeRO-3
     batch = [jobs[i] for i in mine] or [jobs[idx[0]]]
-    embeds, mask = _left_padded_inputs(backbone, bank, batch)
-    tokens = greedy(backbone.model, embeds, mask, max_new_tokens, tok.eos_token_id,
-                    synced=distributed.world() > 1)
+    embeds, mask = _left_padded_inputs(backbone, adapter.prefix(bank), batch)
+    row_client = torch.tensor([k for k, _ in batch])
+    with adapter.rows(backbone.model, bank, row_client) as scope:
+        tokens = greedy(backbone.model, embeds, mask, max_new_tokens, tok.eos_token_id,
+                        synced=distributed.world() > 1, on_select=scope.select)
     decoded = [t.strip() for t in tok.batch_decode(tokens, skip_special_tokens=True)]
     for i, text in zip(idx, distributed.gather_lists(decoded[: len(mine)])):
         texts[i] = text
 
 
 def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int,
-           synced: bool = False) -> list[list[int]]:
+           synced: bool = False, on_select: Callable[[torch.Tensor], None] | None = None
+           ) -> list[list[int]]:
     """Each row's greedy continuation of left-padded `embeds` (token ids, ending at its EOS).
 
     transformers' greedy `generate` with the KV cache, except that a row leaves the batch
@@ -103,6 +116,8 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
     `generate`, so the same tokens (tested against it). `synced` (ZeRO-3 with several ranks,
     `generate`'s `synced_gpus`): every rank runs a forward at every step until all ranks
     are done, a rank without live rows on one dummy row, to join the parameter all-gathers.
+    `on_select(keep)` hears which batch rows stay whenever rows leave (an adapter whose
+    per-row state follows the rows: LoRA).
     """
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
@@ -125,6 +140,8 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
         if len(keep) < len(live):
             live, nxt, mask, last = live[keep], nxt[keep], mask[keep], last[keep]
             select_cache_rows(cache, keep.to(mask.device))
+            if on_select:
+                on_select(keep)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         last = last + 1
         out = model(inputs_embeds=model.get_input_embeddings()(nxt.unsqueeze(1)),
@@ -142,15 +159,16 @@ def _anyone_left(live_rows: int, synced: bool) -> bool:
     return bool(left.item() > 0)
 
 
-def evaluate(backbone: Backbone, bank: torch.Tensor, requests: Sequence[tuple[int, EvalSet]],
+def evaluate(backbone: Backbone, bank: State, requests: Sequence[tuple[int, EvalSet]],
              max_new_tokens: int, batch_rows: int,
-             advance: Callable[[int], None] | None = None) -> list[dict]:
-    """Score prompt `bank[k]` on each requested set; all requests share generation batches.
+             advance: Callable[[int], None] | None = None, adapter: Adapter = PROMPT
+             ) -> list[dict]:
+    """Score state `bank[k]` on each requested set; all requests share generation batches.
 
     Each result holds the set's ROUGE-L and exact match, and, for the predictions files,
     its "predictions" and "example_rouge_l" in the set's order."""
     jobs = [(k, e) for k, s in requests for e in s.encoded]
-    texts = generate(backbone, bank, jobs, max_new_tokens, batch_rows, advance)
+    texts = generate(backbone, bank, jobs, max_new_tokens, batch_rows, advance, adapter)
     results, start = [], 0
     for _, s in requests:
         chunk = texts[start: start + len(s)]

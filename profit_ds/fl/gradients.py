@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from profit_ds import distributed
-from profit_ds.adapters import Adapter
+from profit_ds.adapters.base import Adapter
 from profit_ds.adapters.prompt import PROMPT
 from profit_ds.fl.state import State, num_rows
 from profit_ds.memory import ForwardLimit
@@ -108,7 +108,8 @@ def mean_loss_gradients(backbone: Backbone, bank: State, rows: Sequence[Row],
     world, rank = distributed.world(), distributed.rank()
     counts = _label_counts(rows, k)
     denom = counts.clamp(min=1).to(torch.float32)
-    leaf = {n: t.detach().to(torch.float64).requires_grad_(True) for n, t in bank.items()}
+    leaf = {n: t.detach().to(torch.float64).requires_grad_(adapter.trains(n))
+            for n, t in bank.items()}
     loss_sums = torch.zeros(k, dtype=torch.float64)
     batches = forward_chunks(rows, extra, max(rows_per_forward, 1), backbone.forward_limit())
     for start in range(0, len(batches), world):  # one forward: a batch per rank
@@ -119,13 +120,14 @@ def mean_loss_gradients(backbone: Backbone, bank: State, rows: Sequence[Row],
             batch = collate([e for unit in mine for _, e in unit],
                             [u for u, unit in enumerate(mine) for _ in unit], pad)
             copies = {n: t.index_select(0, owners) for n, t in leaf.items()}
-            # the backward too: activation checkpointing recomputes with the same kernel
-            with backbone.training_attention(extra + batch.input_ids.shape[1]):
-                sums = adapter.loss_sums(backbone.model, copies, batch, backbone.checkpointing)
-                (sums / denom.index_select(0, owners).to(sums.device)).sum().backward()
+            sums = _forward_backward(backbone, adapter, copies, batch,
+                                     denom.index_select(0, owners))
             loss_sums.index_add_(0, owners, sums.detach().double().cpu())
         else:  # keep ZeRO-3's collective all-gathers in lock-step with the other ranks
-            _idle_forward_backward(backbone, leaf, adapter)
+            eos = backbone.tokenizer.eos_token_id
+            idle = collate([Encoded((eos,), (eos,))], [0], pad)  # a 1-token row, weight 0
+            _forward_backward(backbone, adapter, {n: t[:1] for n, t in leaf.items()}, idle,
+                              None)
     grads = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in leaf.items()}
     distributed.all_reduce_sum(*grads.values(), loss_sums)
     return ({n: g.to(bank[n].dtype) for n, g in grads.items()},
@@ -155,10 +157,18 @@ def _label_counts(rows: Sequence[Row], num_clients: int) -> torch.Tensor:
     return torch.zeros(num_clients, dtype=torch.float64).index_add_(0, clients, sizes)
 
 
-def _idle_forward_backward(backbone: Backbone, leaf: State, adapter: Adapter) -> None:
-    """A rank with no rows in a chunk still joins the parameter all-gathers, with a 1-token row
-    whose loss is multiplied by zero."""
-    eos = backbone.tokenizer.eos_token_id
-    batch = collate([Encoded((eos,), (eos,))], [0], backbone.tokenizer.pad_token_id)
-    (adapter.loss_sums(backbone.model, leaf, batch, backbone.checkpointing).sum() * 0.0
-     ).backward()
+def _forward_backward(backbone: Backbone, adapter: Adapter, bank: State, batch,
+                      denom: torch.Tensor | None) -> torch.Tensor:
+    """Backward of sum_k (client k's loss sum) / denom[k] (times 0 where `denom` is None: an
+    idle rank's dummy row); returns the sums. The backward runs under the same attention
+    kernel (activation checkpointing recomputes with it) and the same adapter rows (it
+    recomputes their low-rank terms too)."""
+    model = backbone.model
+    with backbone.training_attention(adapter.extra_tokens(bank) + batch.input_ids.shape[1]), \
+            adapter.rows(model, bank, batch.row_client):
+        sums = adapter.loss_sums(model, bank, batch, backbone.checkpointing)
+        if denom is None:
+            (sums.sum() * 0.0).backward()
+        else:
+            (sums / denom.to(sums.device)).sum().backward()
+    return sums

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from profit_ds.adapters.base import Adapter
+from profit_ds.adapters.prompt import PROMPT
 from profit_ds.fl.gradients import mean_loss_gradients
 from profit_ds.fl.optim import ClientOptimizer, ClientOptState, client_step
 from profit_ds.fl.state import State, add
@@ -28,7 +30,8 @@ def run_local_steps(backbone: Backbone, bank: State, opt: ClientOptimizer,
                     state: ClientOptState, lr: torch.Tensor, schedules: Sequence[Schedule],
                     rows_per_forward: int | None = None,
                     after_step: Callable[[], None] | None = None,
-                    extra_grad: GradTerm | None = None) -> tuple[State, torch.Tensor]:
+                    extra_grad: GradTerm | None = None, adapter: Adapter = PROMPT
+                    ) -> tuple[State, torch.Tensor]:
     """Run every client's schedule; returns the new bank and each client's mean training loss
     over its steps (`[K]`).
 
@@ -40,7 +43,8 @@ def run_local_steps(backbone: Backbone, bank: State, opt: ClientOptimizer,
     for t in range(max((len(s) for s in schedules), default=0)):
         active = torch.tensor([t < len(s) for s in schedules])
         rows = [(c, e) for c, s in enumerate(schedules) if t < len(s) for e in s[t]]
-        grads, losses = mean_loss_gradients(backbone, bank, rows, rows_per_forward or len(rows))
+        grads, losses = mean_loss_gradients(backbone, bank, rows, rows_per_forward or len(rows),
+                                            adapter)
         if extra_grad:
             grads = add(grads, extra_grad(bank))
         bank = client_step(opt, bank, grads, state, active, lr)

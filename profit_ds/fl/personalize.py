@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from profit_ds.adapters.base import Adapter
+from profit_ds.adapters.prompt import PROMPT
 from profit_ds.fl.clients import ClientData, EvalSet, local_batches
 from profit_ds.fl.divergence import Diverged
 from profit_ds.fl.local import run_local_steps
@@ -43,6 +45,7 @@ class PersonalizeSpec:
     seed: int
     prox_lambdas: Sequence[float] = (0.0,)
     alphas: Sequence[float] = ()
+    adapter: Adapter = PROMPT
 
 
 Setting = tuple[float, float]  # (lr, prox_lambda)
@@ -79,7 +82,7 @@ def personalize(backbone: Backbone, model: State, clients: Sequence[ClientData],
                 for k, (c, (lr_, _)) in enumerate(group)]
             before = bank
             bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules,
-                                           extra_grad=penalty)
+                                           extra_grad=penalty, adapter=spec.adapter)
             ok = finite_rows(bank) & torch.isfinite(losses)
             for k, (c, setting) in enumerate(group):
                 if alive[k] and not ok[k]:  # it stops here, keeping its last finite prompt

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from profit_ds.adapters.base import Adapter
+from profit_ds.adapters.prompt import PROMPT
 from profit_ds.fl.algorithms.base import Algorithm, ClientWork
 from profit_ds.fl.clients import ClientData
 from profit_ds.fl.divergence import Diverged
@@ -34,6 +36,7 @@ class RoundSpec:
     clients_per_round: int
     seed: int
     prox_mu: float = 0.0
+    adapter: Adapter = PROMPT
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
@@ -48,12 +51,16 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
 
 def federated_round(backbone: Backbone, model: State, server: ServerState, algorithm: Algorithm,
                     train_clients: Sequence[ClientData], spec: RoundSpec, round_idx: int,
-                    k_parallel: int, after_step: Callable[[], None] | None = None
-                    ) -> tuple[State, dict]:
-    """Run round `round_idx` (1-based); returns the new global state and the round's metrics."""
+                    k_parallel: int, after_step: Callable[[], None] | None = None,
+                    private: dict[str, State] | None = None) -> tuple[State, dict]:
+    """Run round `round_idx` (1-based); returns the new global state and the round's metrics.
+
+    `private` (client name -> leaves, updated in place) holds what clients keep between
+    rounds instead of taking the global state's (`Adapter.private`: FedSA-LoRA's B)."""
     picked = sample_clients(len(train_clients), spec.clients_per_round, spec.seed, round_idx)
     clients = [train_clients[i] for i in picked]
-    work = ClientWork(backbone, spec, round_idx, after_step)
+    work = ClientWork(backbone, spec, round_idx, after_step,
+                      private if private is not None else {})
     directions, losses = [], []
     for group in chunks(clients, k_parallel):
         d, loss = algorithm.client_updates(work, model, group)

@@ -124,7 +124,7 @@ def select_cache_rows(cache, rows: torch.Tensor) -> None:
 
 
 @contextmanager
-def _checkpointed(model) -> Iterator[None]:
+def checkpointed(model) -> Iterator[None]:
     """transformers' activation checkpointing for one forward: its decoder layers checkpoint
     only in training mode, which changes nothing else in a Llama-style decoder without
     dropout. Reentrant: the recompute calls each layer through its module hooks, where ZeRO-3
@@ -191,7 +191,7 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch,
                       batch.attention_mask], dim=1)
     if checkpointing:
         rows = torch.cat([prompts.index_select(0, batch.row_client).to(embeds.dtype), embeds], 1)
-        with _checkpointed(model):
+        with checkpointed(model):
             hidden = body(inputs_embeds=rows, attention_mask=mask,
                           use_cache=False).last_hidden_state[:, prompts.shape[1]:]
     else:
@@ -200,6 +200,14 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch,
                      use_cache=True).cache
         select_cache_rows(cache, slot)
         hidden = body(inputs_embeds=embeds, attention_mask=mask, cache=cache).last_hidden_state
+    return label_loss_sums(model, hidden, batch, prompts.shape[0])
+
+
+def label_loss_sums(model, hidden: torch.Tensor, batch: TrainBatch, num_clients: int
+                    ) -> torch.Tensor:
+    """`[num_clients]` sums of token cross-entropy over label tokens, from the last hidden
+    states `[B, L, D]` of `batch`'s tokens (on the model's device), with the LM head run only
+    at positions whose next token is a label."""
     # position t predicts token t+1
     targets = batch.labels[:, 1:]
     where = (targets != IGNORE).flatten().nonzero().squeeze(1)
@@ -207,5 +215,5 @@ def client_loss_sums(model, prompts: torch.Tensor, batch: TrainBatch,
     logits = _at_least_rows(model.get_output_embeddings(), predicting).float()
     token_loss = F.cross_entropy(logits, targets.flatten()[where], reduction="none")
     client_of_token = batch.row_client[where // targets.shape[1]]
-    return torch.zeros(prompts.shape[0], dtype=token_loss.dtype,
+    return torch.zeros(num_clients, dtype=token_loss.dtype,
                        device=token_loss.device).index_add(0, client_of_token, token_loss)

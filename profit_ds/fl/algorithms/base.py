@@ -7,14 +7,14 @@ state an algorithm keeps across rounds (SCAFFOLD's control variates), so that is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 
 from profit_ds.fl.clients import ClientData, local_batches
 from profit_ds.fl.local import Schedule
-from profit_ds.fl.state import State
+from profit_ds.fl.state import State, expand
 from profit_ds.model.backbone import Backbone
 
 if TYPE_CHECKING:
@@ -29,6 +29,24 @@ class ClientWork:
     spec: "RoundSpec"
     round_idx: int
     after_step: Callable[[], None] | None = None
+    # client name -> the leaves it keeps between rounds (FedSA-LoRA's B: `Adapter.private`)
+    private: dict[str, State] = field(default_factory=dict)
+
+    def start(self, model: State, group: Sequence[ClientData]) -> State:
+        """The group's starting bank: the global state, with each client's private leaves
+        (if it has trained before) in place of the global ones."""
+        bank = expand(model, len(group))
+        for k, client in enumerate(group):
+            for name, t in self.private.get(client.name, {}).items():
+                bank[name][k] = t
+        return bank
+
+    def finish(self, group: Sequence[ClientData], bank: State) -> None:
+        """Keep each client's private leaves of its final bank row for its next round."""
+        kept = [n for n in bank if self.spec.adapter.private(n)]
+        for k, client in enumerate(group):
+            if kept:
+                self.private[client.name] = {n: bank[n][k].clone() for n in kept}
 
     def schedules(self, group: Sequence[ClientData]) -> list[Schedule]:
         """Each client's local steps this round: `local_epochs` over its train set in its own

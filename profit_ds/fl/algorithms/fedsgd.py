@@ -11,7 +11,7 @@ import torch
 from profit_ds.fl.algorithms.base import ClientWork, Stateless
 from profit_ds.fl.clients import ClientData
 from profit_ds.fl.gradients import mean_loss_gradients
-from profit_ds.fl.state import State, expand, scale
+from profit_ds.fl.state import State, scale
 
 
 @dataclass
@@ -21,8 +21,8 @@ class FedSGD(Stateless):
     def client_updates(self, work: ClientWork, model: State, group: Sequence[ClientData]
                        ) -> tuple[State, torch.Tensor]:
         rows = [(k, e) for k, c in enumerate(group) for e in c.train]
-        grads, losses = mean_loss_gradients(work.backbone, expand(model, len(group)), rows,
-                                            len(rows))
+        grads, losses = mean_loss_gradients(work.backbone, work.start(model, group), rows,
+                                            len(rows), self.spec.adapter)
         if work.after_step:
             work.after_step()
         return scale(grads, -1.0), losses

@@ -44,7 +44,8 @@ class Scaffold(FedAvg):
             self.pending[client.name] = row(new, k)
         return directions, losses
 
-    def extra_grad(self, model: State, group: Sequence[ClientData]) -> GradTerm | None:
+    def extra_grad(self, model: State, start: State, group: Sequence[ClientData]
+                   ) -> GradTerm | None:
         correction = self._correction(model, group)
         return lambda bank: correction
 
