@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import UNTRAINED, flags
+from profit_ds.adapters.prompt import PROMPT
 from profit_ds.config import resolve
 from profit_ds.data.builtin import builtin_tasks
 from profit_ds.data.format import to_example
@@ -133,10 +135,70 @@ def test_one_and_two_ranks_give_the_same_prompts(one_rank_k8, tiny_model_dir, tm
                           "--output-dir", str(out), *flags({**TINY, **settings})],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    # 1 rank runs the plain model, 2 ranks ZeRO-3, whose backward already differs from the
-    # plain one at one rank (2.6e-7 in a LoRA gradient at bit-identical losses, measured);
-    # Adam clients over two rounds and personalization grow that to 1.0e-5 on LoRA's A
+    # 1 rank runs the plain model, 2 ranks ZeRO-3, whose backward differs from the plain
+    # one (2e-7 in a gradient at bit-identical losses; the ranks themselves change no bit:
+    # test_two_zero3_ranks_give_the_bits_of_one); Adam clients over two rounds and
+    # personalization grow that to 1.0e-5 on LoRA's A
     _assert_same_prompts(reference, out, LORA_RANKS_RTOL if "adapter" in settings else RTOL)
+
+
+RANK_WORKER = """
+import sys, torch
+from profit_ds import distributed
+from profit_ds.memory import ForwardLimit
+from profit_ds.model.backbone import load_backbone
+from profit_ds.fl.gradients import mean_loss_gradients
+from profit_ds.adapters.lora import LoraAdapter
+distributed.setup()
+torch.set_num_threads(1)
+given = torch.load(sys.argv[2], weights_only=False)  # the test wrote it
+backbone = load_backbone(sys.argv[1])
+backbone.limit = ForwardLimit(backbone.forward_limit().costs, 2**40, given["max_tokens"])
+out = {"prompt": mean_loss_gradients(backbone, given["prompt"], given["rows"], 64),
+       "lora": mean_loss_gradients(backbone, given["lora"], given["rows"], 64, LoraAdapter())}
+if distributed.is_main():
+    torch.save(out, sys.argv[3])
+"""
+
+
+def test_two_zero3_ranks_give_the_bits_of_one(backbone, tiny_model_dir, tmp_path):
+    """Ranks change no bit: the gradients and losses of prompt and LoRA banks at 2 ZeRO-3
+    ranks (each its share of the units, summed in float64) equal those of one ZeRO-3 rank.
+    What separates a 1-rank run from a 2-rank one is that one rank runs the plain model,
+    whose backward differs from ZeRO-3's in the last bits (docs/RELIABILITY.md)."""
+    from profit_ds.adapters.lora import LoraAdapter
+    from profit_ds.fl.state import expand
+    from profit_ds.memory import ForwardLimit
+
+    gen = torch.Generator().manual_seed(3)
+    lora = {n: t + 0.05 * torch.randn(t.shape, generator=gen)
+            for n, t in expand(LoraAdapter().init(backbone, 0), 6).items()}
+    given = {"rows": _rows(backbone.tokenizer, clients=6), "lora": lora, "max_tokens": 5 * 40,
+             "prompt": {"prompt": _bank(6, backbone.hidden_size)}}
+    torch.save(given, tmp_path / "given.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    ranks = {**env, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(29500 + os.getpid() % 500)}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_WORKER, str(tiny_model_dir),
+                               str(tmp_path / "given.pt"), str(tmp_path / "two.pt")],
+                              env={**ranks, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors[0][-2000:]
+    two = torch.load(tmp_path / "two.pt")
+    before, limit = backbone.limit, backbone.forward_limit()
+    backbone.limit = ForwardLimit(limit.costs, 2**40, given["max_tokens"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, adapter in (("prompt", PROMPT), ("lora", LoraAdapter())):
+            grads, losses = mean_loss_gradients(backbone, given[name], given["rows"], 64, adapter)
+            assert torch.equal(losses, two[name][1]), name
+            for leaf, g in grads.items():
+                assert torch.equal(g, two[name][0][leaf]), (name, leaf)
+    finally:
+        backbone.limit = before
+        torch.set_num_threads(threads)
 
 
 def test_a_clients_gradient_is_bit_identical_alone_and_among_others(backbone):

@@ -267,3 +267,16 @@ def test_bad_lora_settings_are_one_line_usage_errors(extra, message, tiny_model_
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not (out / "results.json").exists()
+
+
+def test_lora_takes_its_own_learning_rates_unless_given():
+    """LoRA's measured lrs replace the prompt's (built-in and pretrained alike); a flag or a
+    config file still wins; the prompt adapter keeps its defaults."""
+    from profit_ds.config import LORA_DEFAULTS, REAL_MODEL_DEFAULTS, build
+
+    assert build({"adapter": "lora"}).client_lr == LORA_DEFAULTS["builtin"]["client_lr"]
+    pretrained = build({"adapter": "lora", "model": "smollm2-135m"})
+    assert pretrained.personalize_lrs == LORA_DEFAULTS["pretrained"]["personalize_lrs"]
+    assert pretrained.dtype == REAL_MODEL_DEFAULTS["dtype"]
+    assert build({"adapter": "lora", "client_lr": 0.5}).client_lr == 0.5
+    assert build({}).client_lr == 0.1
