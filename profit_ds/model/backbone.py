@@ -26,6 +26,7 @@ from profit_ds.model.aliases import gated_hint, resolve_model
 from profit_ds.model.ds_config import (import_deepspeed, load_ds_config, offloads_params,
                                        uses_zero3, without_zero_init)
 from profit_ds.model.gguf import hf_folder
+from profit_ds.model.zero3_order import sum_like_zero3
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -178,6 +179,7 @@ def load_backbone(name: str, dtype: str = "fp32", ds_config: str | None = None,
     model.requires_grad_(False)
     model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     if not zero3:
+        sum_like_zero3(model)  # the bits of a ZeRO-3 run on several ranks
         return Backbone(model=model.to(distributed.device()).eval(), engine=None,
                         tokenizer=tokenizer, name=name, dtype=DTYPES[dtype])
     engine = import_deepspeed().initialize(model=model, config=config)[0]
