@@ -45,9 +45,10 @@ REAL_MODEL_DEFAULTS: dict[str, Any] = {
     "personalize_lrs": [0.1, 0.3],
 }
 
-# Defaults that differ for LoRA (`--adapter lora`), by backbone, found by measurement: the
-# built-in model's on its default run (docs/FINDINGS.md, "Prompt tuning vs LoRA"), a
-# pretrained model's on SmolLM2-135M-Instruct with the SNI sample (same section). They take
+# Defaults that differ for LoRA (`--adapter lora`), by backbone. The built-in model's were
+# measured on its default run (docs/FINDINGS.md §7); a pretrained model's are not measured
+# yet: Adam at 1e-3, a common LoRA lr, and a personalization grid a decade apart
+# (docs/findings/smollm2_adapters.yaml is the sweep that would check them). They take
 # precedence over REAL_MODEL_DEFAULTS, which were tuned for prompts.
 LORA_DEFAULTS: dict[str, dict[str, Any]] = {
     "builtin": {"client_lr": 0.03, "personalize_lrs": [0.03, 0.1, 0.3]},
