@@ -355,7 +355,7 @@ def test_bf16_run_end_to_end(tiny_model_dir, tmp_path, bf16_backbone):
                           clients_in_parallel="auto")
     prompts = _prompts(out)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in prompts.values())
-    assert prompts["global"].shape == (8, bf16_backbone.hidden_size)
+    assert prompts["global/prompt"].shape == (8, bf16_backbone.hidden_size)
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["dtype"] == "bf16"
     assert all(math.isfinite(r["train_loss"]) for r in results["rounds"])
