@@ -37,7 +37,7 @@ def option(default: Any, help: str) -> Any:
 # found by measurement with SmolLM2-135M-Instruct on the SNI sample (docs/REAL_MODEL.md,
 # scripts/real_model_defaults.py). The dataclass's own defaults are the built-in model's.
 REAL_MODEL_DEFAULTS: dict[str, Any] = {
-    "dtype": "bf16",              # 2-4x faster matmuls on CPUs with AVX-512 BF16, and on GPUs
+    "dtype": "auto",              # bf16 where matmuls are native (2-4x faster), else fp32
     "prompt_init": "text",        # vocab init lowered SmolLM2's global ROUGE-L; text kept it
     "max_source_tokens": 1024,    # SNI's (Tk-Instruct's) source length
     "max_target_tokens": 128,     # and target length
@@ -124,7 +124,8 @@ class RunConfig:
     max_new_tokens: int | None = option(None, "Generation length (default: longest reference "
                                               "+ 1, at most 128).")
     # machine
-    dtype: str = option("fp32", "Backbone dtype: fp32 | bf16 (prompts stay fp32).")
+    dtype: str = option("fp32", "Backbone dtype: fp32 | bf16 | auto (bf16 where the device "
+                                "multiplies bf16 natively, else fp32; prompts stay fp32).")
     clients_in_parallel: str = option("auto", "K clients per batched step, or auto (as many "
                                               "as fill one forward on every rank).")
     memory_budget: float | None = option(None, "GB a rank may use for activations, KV caches "
@@ -177,7 +178,7 @@ def validate(cfg: RunConfig) -> None:
     choices = {"algo": tuple(ALGORITHMS), "adapter": tuple(ADAPTERS),
                "lora_aggregation": AGGREGATIONS, "client_opt": CLIENT_OPTIMIZERS,
                "personalize_opt": CLIENT_OPTIMIZERS, "server_opt": SERVER_OPTIMIZERS,
-               "prompt_init": ("vocab", "random", "text"), "dtype": ("fp32", "bf16"),
+               "prompt_init": ("vocab", "random", "text"), "dtype": ("fp32", "bf16", "auto"),
                "activation_checkpointing": ("auto", "on", "off")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -324,6 +325,11 @@ def build(values: dict[str, Any]) -> RunConfig:
     if isinstance(cfg.clients_in_parallel, int):
         cfg.clients_in_parallel = str(cfg.clients_in_parallel)
     validate(cfg)
+    if cfg.dtype == "auto":  # torch only when needed: --help and `plan` stay light
+        from profit_ds import distributed
+        from profit_ds.model.precision import resolve_dtype
+
+        cfg.dtype = resolve_dtype(cfg.dtype, distributed.device())
     return cfg
 
 

@@ -74,6 +74,7 @@ class Setup:
     chat: bool
     new_tokens: int
     budgets: Budgets
+    adapter: Adapter
 
     @property
     def clients_in_parallel(self) -> int:
@@ -106,9 +107,10 @@ def set_up(cfg: RunConfig, partition: Partition, backbone: Backbone | None = Non
     new_tokens = max_new_tokens(cfg, data, tokenizer, chat)
     clients = data.train_clients + data.validation_clients + data.test_clients
     sets = [c.test for c in clients] + [data.global_test, data.global_validation]
+    adapter = adapters.create(cfg)
     work = work_shape([(len(e.source), len(e.target)) for c in clients for e in c.train],
                       [len(e.source) for s in sets for e in s.encoded], cfg.batch_size,
-                      adapters.create(cfg).positions, new_tokens, distributed.world())
+                      adapter.positions, new_tokens, distributed.world())
     device = distributed.device().type
     memory, source = free_memory(device, cfg.memory_budget)
     if backbone.engine is not None and cfg.memory_budget is None:
@@ -122,7 +124,7 @@ def set_up(cfg: RunConfig, partition: Partition, backbone: Backbone | None = Non
                           k_fixed=True)
     backbone.limit = budgets.forward
     backbone.checkpointing = budgets.checkpointing
-    return Setup(backbone, data, chat, new_tokens, budgets)
+    return Setup(backbone, data, chat, new_tokens, budgets, adapter)
 
 
 def shared_prompt_scores(scores: Sequence[dict], clients: Sequence[ClientData]) -> dict:
@@ -156,9 +158,10 @@ def check_fits(cfg: RunConfig, model_config, tokenizer) -> None:
     context = getattr(model_config, "max_position_embeddings", None)
     longest = prompt_tokens + (cfg.max_source_tokens or 0) + (cfg.max_target_tokens or 0)
     if context and longest > context:
-        raise UsageError(f"--prompt-tokens {prompt_tokens}: prompt + --max-source-tokens "
-                         f"{cfg.max_source_tokens} + --max-target-tokens {cfg.max_target_tokens}"
-                         f" = {longest} tokens exceed the model's context of {context}")
+        prompt = f"--prompt-tokens {prompt_tokens} + " if prompt_tokens else ""
+        raise UsageError(f"{prompt}--max-source-tokens {cfg.max_source_tokens} + "
+                         f"--max-target-tokens {cfg.max_target_tokens} = {longest} tokens "
+                         f"exceed the context of --model {cfg.model} ({context})")
 
 
 def prepare_output(cfg: RunConfig) -> Path:
@@ -276,7 +279,7 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
                                           warn=reporter.warn)
     setup = set_up(cfg, partition, backbone)
     backbone, data, new_tokens = setup.backbone, setup.data, setup.new_tokens
-    adapter = adapters.create(cfg)
+    adapter = setup.adapter
     fresh = None if restored else adapter.init(backbone, cfg.seed)  # bad settings fail here
     k_parallel = setup.clients_in_parallel
     reporter.data_summary(partition, backbone, k_parallel)

@@ -20,7 +20,6 @@ from profit_ds.config import RunConfig, resolve
 from profit_ds.data.for_run import load_tasks, run_partition
 from profit_ds.errors import UsageError
 from profit_ds.evaluation.generate import evaluate
-from profit_ds import adapters
 from profit_ds.adapters.base import Adapter
 from profit_ds.export import read_state
 from profit_ds.fl.clients import ClientData, EvalSet, FederatedData
@@ -61,9 +60,8 @@ def load_run(run_dir: Path) -> FinishedRun:
         raise UsageError(f"{run_dir}: the rebuilt partition differs from the run's "
                          "(data changed since the run?)")
     setup = set_up(cfg, partition)
-    adapter = adapters.create(cfg)
-    return FinishedRun(cfg, setup.backbone, setup.data, adapter,
-                       read_state(run_dir, adapter.name, None, None), setup.budgets,
+    return FinishedRun(cfg, setup.backbone, setup.data, setup.adapter,
+                       read_state(run_dir, setup.adapter.name, None, None), setup.budgets,
                        setup.new_tokens)
 
 

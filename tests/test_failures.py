@@ -56,7 +56,7 @@ def test_tokenizer_model_mismatch(tmp_path):
 @pytest.mark.parametrize("config,args,needle", [
     ({"vocab_size": 100}, [], "the tokenizer has"),
     ({"vocab_size": 2000, "max_position_embeddings": 64}, ["--prompt-tokens", "60"],
-     "exceed the model's context of 64"),
+     "exceed the context of --model"),
 ])
 def test_config_checks_fail_before_the_weights_load(tmp_path, config, args, needle):
     d = _model_without_weights(tmp_path / "m", **config)

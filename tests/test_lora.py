@@ -277,6 +277,6 @@ def test_lora_takes_its_own_learning_rates_unless_given():
     assert build({"adapter": "lora"}).client_lr == LORA_DEFAULTS["builtin"]["client_lr"]
     pretrained = build({"adapter": "lora", "model": "smollm2-135m"})
     assert pretrained.personalize_lrs == LORA_DEFAULTS["pretrained"]["personalize_lrs"]
-    assert pretrained.dtype == REAL_MODEL_DEFAULTS["dtype"]
+    assert pretrained.prompt_init == REAL_MODEL_DEFAULTS["prompt_init"]
     assert build({"adapter": "lora", "client_lr": 0.5}).client_lr == 0.5
     assert build({}).client_lr == 0.1

@@ -76,11 +76,13 @@ class _Scope:
 
 
 class _Slot:
-    """Per model: the scope in force (None: the bare backbone) and the modules hooked."""
+    """Per model: the scope in force (None: the bare backbone), the modules hooked and the
+    target lists they were found for (so a forward does not walk the module tree again)."""
 
     def __init__(self) -> None:
         self.scope: _Scope | None = None
         self.hooked: set[str] = set()
+        self.found_for: set[tuple[str, ...]] = set()
 
 
 def _slot(model) -> _Slot:
@@ -159,10 +161,12 @@ class LoraAdapter:
     @contextmanager
     def rows(self, model, bank: State, row_client: torch.Tensor) -> Iterator[_Scope]:
         slot = _slot(model)
-        for name, module in self.modules(model).items():
-            if name not in slot.hooked:
-                module.register_forward_hook(_hook(slot, name))
-                slot.hooked.add(name)
+        if self.targets not in slot.found_for:
+            for name, module in self.modules(model).items():
+                if name not in slot.hooked:
+                    module.register_forward_hook(_hook(slot, name))
+                    slot.hooked.add(name)
+            slot.found_for.add(self.targets)
         was = slot.scope
         device = model_device(model)
         slot.scope = _Scope({n: t.to(device) for n, t in bank.items()}, row_client.to(device),
