@@ -13,7 +13,10 @@ H attention heads, vocabulary V, in a dtype of b bytes:
                saved) in forwards short enough to take it (`eager_up_to`); with activation
                checkpointing only each layer's input, L x D x b, plus one layer's full share
                while it is recomputed. At every label position the logits: V x (b + 12) (the
-               logits, their fp32 copy, the saved log-softmax, one fp32 gradient).
+               logits, their fp32 copy, the saved log-softmax, one fp32 gradient). An
+               adapter adds its own saved tensors (`Adapter.saved_bytes`: nothing for a
+               prompt, whose positions count as positions; for LoRA each target's input and
+               x A^T per position, and every row's gathered A and B).
   generation   the KV cache, L x 2 x kv_heads x head_dim x b per position of prompt, source
                and new tokens; the prefill's live tensors of one layer, (8D + 3I) x b per
                position (no grad: layers free theirs as they go); fp32 logits of the last
@@ -34,7 +37,10 @@ import ctypes
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from profit_ds.adapters.base import Adapter
 
 GB = 10**9
 BYTES = {"fp32": 4, "bf16": 2}
@@ -85,11 +91,13 @@ class TokenCosts:
     prefill_token: int  # a no-grad forward's live tensors at one position (one layer)
     row_logits: int    # a generated row's last-position logits
     eager_keys: int = 0  # the most keys a forward attends to with eager attention (`eager_up_to`)
+    train_row: int = 0   # saved per row whatever its length (LoRA's gathered A and B)
 
     def train(self, rows: int, tokens: int, keys: int, labels: int) -> int:
         """One forward of `rows` rows padded to `tokens` positions, each attending to `keys`
         keys, with `labels` label positions in all."""
-        return rows * tokens * (self.train_token + self.key_bytes(keys)) + labels * self.label
+        return (rows * tokens * (self.train_token + self.key_bytes(keys)) + rows * self.train_row
+                + labels * self.label)
 
     def key_bytes(self, keys: int) -> int:
         """Saved attention scores per position of a forward attending to `keys` keys: eager
@@ -108,16 +116,20 @@ class TokenCosts:
 
 
 def token_costs(dims: Dims, dtype: str, eager_attention: bool = False,
-                checkpointing: bool = False) -> TokenCosts:
-    """The per-token costs of a decoder in `dtype` (see the module docstring)."""
+                checkpointing: bool = False, adapter: "Adapter | None" = None) -> TokenCosts:
+    """The per-token costs of a decoder in `dtype` (see the module docstring), with what
+    `adapter` saves on top (`Adapter.saved_bytes`; with checkpointing, one layer's share)."""
     b = BYTES[dtype]
     layer = _layer_bytes(dims, b)
     key = dims.heads * (4 + b) if eager_attention else 0
+    extra_token, extra_row = adapter.saved_bytes(dims, b) if adapter else (0, 0)
     if checkpointing:
         train_token, train_key = dims.layers * dims.hidden * b + layer, key
+        extra_token, extra_row = extra_token // dims.layers, extra_row // dims.layers
     else:
         train_token, train_key = dims.layers * layer, dims.layers * key
-    return TokenCosts(train_token=train_token, train_key=train_key,
+    return TokenCosts(train_token=train_token + extra_token, train_key=train_key,
+                      train_row=extra_row,
                       label=dims.vocab * (b + LOGIT_EXTRA),
                       kv_token=dims.layers * 2 * dims.kv_heads * dims.head_dim * b,
                       prefill_token=layer, row_logits=2 * dims.vocab * 4,
@@ -218,15 +230,16 @@ def tokens_fitting(costs: TokenCosts, memory: int, work: WorkShape) -> int:
 
 def budgets(dims: Dims, dtype: str, eager_attention: bool, memory: int, device: str,
             work: WorkShape, checkpointing: str = "auto", memory_source: str = "",
-            generation_rows: int | None = None) -> Budgets:
+            generation_rows: int | None = None, adapter: "Adapter | None" = None) -> Budgets:
     """The run's budgets on one rank of `device` ("cpu" or "cuda") with `memory` bytes.
 
     checkpointing: "on", "off", or "auto": on only when one longest row does not fit without
     it (it recomputes every layer in the backward pass, about a third more compute).
     generation_rows: the user's cap (`--eval-batch-size`), else the device's.
+    adapter: the run's adapter, whose own saved tensors the training forwards count.
     """
-    plain = token_costs(dims, dtype, eager_attention)
-    ckpt = token_costs(dims, dtype, eager_attention, checkpointing=True)
+    plain = token_costs(dims, dtype, eager_attention, adapter=adapter)
+    ckpt = token_costs(dims, dtype, eager_attention, checkpointing=True, adapter=adapter)
     use = {"on": True, "off": False}.get(
         checkpointing, tokens_fitting(plain, memory, work) < work.longest_row)
     costs = ckpt if use else plain

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from profit_ds.config import build
 from profit_ds.errors import UsageError
@@ -38,6 +39,9 @@ from profit_ds.memory import (CUDA_RESERVE, GB, Budgets, Dims, WorkShape, budget
 from profit_ds.model.aliases import gated_hint, resolve_model
 from profit_ds.model.ds_config import (deepspeed_zero, load_ds_config, offloads_params,
                                        uses_zero3, without_zero_init)
+
+if TYPE_CHECKING:
+    from profit_ds.adapters.base import Adapter
 
 BF16 = 2
 CUDA_CONTEXT = 1 * GB  # the CUDA context and library handles, before the weights (assumed)
@@ -78,6 +82,7 @@ class Workload:
     micro_batch: int
     target_tokens: int
     state_floats: int = 0  # one client's trainable state (the adapter's `floats`)
+    adapter: "Adapter | None" = None  # what its own saved tensors add (`Adapter.saved_bytes`)
 
     @property
     def world(self) -> int:
@@ -232,7 +237,7 @@ def run_budgets(shape: ModelShape, work: Workload, gpu_mem: int, weights: int,
     free = max(0, gpu_mem - CUDA_CONTEXT - weights)
     memory = max(0, usable_gpu_memory(free) - window)
     return budgets(shape.dims, "bf16", False, memory, "cuda", work_shape_of(work),
-                   memory_source=f"planned for {gpu_mem / GB:g} GB")
+                   memory_source=f"planned for {gpu_mem / GB:g} GB", adapter=work.adapter)
 
 
 def memory(shape: ModelShape, work: Workload, zero, offload: bool, clients: int,
@@ -283,7 +288,7 @@ def default_workload(name: str, gpus: int, nodes: int = 1, prompt_tokens: int | 
                     seq_len=seq_len or run.max_source_tokens + run.max_target_tokens,
                     micro_batch=micro_batch or run.batch_size,
                     target_tokens=run.max_target_tokens,
-                    state_floats=chosen.floats(model_shape(name).dims))
+                    state_floats=chosen.floats(model_shape(name).dims), adapter=chosen)
     if min(work.seq_len, work.micro_batch) < 1 or (run.adapter == "prompt"
                                                     and work.prompt_tokens < 1):
         raise UsageError("--prompt-tokens, --seq-len and --micro-batch must be >= 1")

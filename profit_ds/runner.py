@@ -118,7 +118,7 @@ def set_up(cfg: RunConfig, partition: Partition, backbone: Backbone | None = Non
         source += ", less ZeRO-3's gathered layers"
     budgets = memory_budgets(Dims.of(backbone.model.config), cfg.dtype, backbone.eager_attention,
                              memory, device, work, cfg.activation_checkpointing, source,
-                             cfg.eval_batch_size)
+                             cfg.eval_batch_size, adapter)
     if cfg.clients_in_parallel != "auto":
         budgets = replace(budgets, clients_in_parallel=int(cfg.clients_in_parallel),
                           k_fixed=True)

@@ -258,6 +258,59 @@ def test_activation_estimate_matches_saved_tensors():
     assert 0.9 < saved / estimate < 1.1
 
 
+def _lora_saved_bytes(targets: str) -> tuple[int, int]:
+    """What LoRA's hooks add to autograd's saved tensors of a frozen-weight forward, and
+    what the budgets count for it (`LoraAdapter.saved_bytes`)."""
+    from profit_ds.adapters.lora import LoraAdapter
+    from profit_ds.memory import Dims
+
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    adapter = LoraAdapter(rank=8, targets=tuple(targets.split(",")))
+    init = {k: torch.randn_like(v) for k, v in
+            adapter.init(type("B", (), {"model": model})(), 0).items()}
+    bank = {k: v.unsqueeze(0).expand(3, *v.shape).clone().requires_grad_(True)
+            for k, v in init.items()}
+    rows, tokens = 3, 96
+    ids = torch.randint(0, 512, (rows, tokens))
+
+    def saved_by_forward(with_lora: bool) -> int:
+        saved: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        embeds = model.get_input_embeddings()(ids).requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            if with_lora:
+                with adapter.rows(model, bank, torch.arange(rows)):
+                    model.model(inputs_embeds=embeds).last_hidden_state.sum()
+            else:
+                model.model(inputs_embeds=embeds).last_hidden_state.sum()
+        return sum(saved.values())
+
+    per_position, per_row = adapter.saved_bytes(Dims.of(config), 2)
+    return (saved_by_forward(True) - saved_by_forward(False),
+            rows * tokens * per_position + rows * per_row)
+
+
+@pytest.mark.parametrize("targets", ["q_proj,v_proj",
+                                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"])
+def test_lora_saved_bytes_match_autograd(targets):
+    """The budgets count what LoRA's per-row products really save (fresh process, as above)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        added, estimate = pool.apply(_lora_saved_bytes, (targets,))
+    assert 0.9 < added / estimate < 1.1
+
+
 # --------------------------------------------------------------------------- Dockerfile
 def _dockerfile_instructions() -> list[str]:
     """Dockerfile instructions with continuation lines joined and comments dropped."""

@@ -33,6 +33,11 @@ class Adapter(Protocol):
         """The size of one client's state in floats, from the model's shape alone (the plan
         counts the bank, its gradient and Adam's moments)."""
 
+    def saved_bytes(self, dims: "Dims", b: int) -> tuple[int, int]:
+        """What a training forward saves for the backward beyond the frozen backbone's own
+        activations, in a dtype of `b` bytes: (bytes per position, bytes per row), over all
+        layers (`memory.TokenCosts`; a prompt's positions are counted as positions)."""
+
     def extra_tokens(self, bank: State) -> int:
         """Positions the adapter adds to every row (P for a soft prompt, 0 for LoRA): the
         token budgets and the attention kernel choice count them."""

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 AGGREGATIONS = ("fedit", "ffa", "fedsa")
 A, B = ".lora_A", ".lora_B"
+# targets that read the same tensor in a Llama decoder layer (its saved input counts once)
+_INPUT_OF = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+_SAVED_ALREADY = {"o_proj"}  # its input, the attention output, is saved by SDPA's backward
 
 
 def target_shape(dims: Dims, target: str) -> tuple[int, int]:
@@ -151,6 +154,18 @@ class LoraAdapter:
     def floats(self, dims: Dims) -> int:
         """A client state's size in floats: r (d_in + d_out) per target module per layer."""
         return dims.layers * sum(self.rank * sum(target_shape(dims, t)) for t in self.targets)
+
+    def saved_bytes(self, dims: Dims, b: int) -> tuple[int, int]:
+        """Per layer, the hook's two products save: each distinct target input x (d_in per
+        position; q/k/v share one, as gate/up do; the frozen linear saves none of its own;
+        o_proj's is SDPA's output, which SDPA saves already), x A^T (r per position per
+        target), and the gathered A and B of every row (r (d_in + d_out) per target).
+        tests/test_ops.py checks it against autograd."""
+        inputs = {_INPUT_OF.get(t, t): target_shape(dims, t)[0] for t in self.targets
+                  if t not in _SAVED_ALREADY}
+        per_position = sum(inputs.values()) + self.rank * len(self.targets)
+        per_row = sum(self.rank * sum(target_shape(dims, t)) for t in self.targets)
+        return dims.layers * per_position * b, dims.layers * per_row * b
 
     def extra_tokens(self, bank: State) -> int:
         return 0

@@ -52,6 +52,10 @@ class PromptAdapter:
         """A client state's size in floats: P x D."""
         return self.tokens * dims.hidden
 
+    def saved_bytes(self, dims: "Dims", b: int) -> tuple[int, int]:
+        """Nothing beyond its P positions, which the backbone's per-position rule counts."""
+        return 0, 0
+
     def extra_tokens(self, bank: State) -> int:
         return bank["prompt"].shape[-2]
 

