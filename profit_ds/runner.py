@@ -397,8 +397,9 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
     pspec = PersonalizeSpec(ClientOptimizer(cfg.personalize_opt), cfg.personalize_lrs,
                             cfg.personalize_epochs, cfg.batch_size, cfg.seed, adapter=adapter)
     pairs = len(data.test_clients) * len(cfg.personalize_lrs)
-    per_pair = {c.name: (len(c.test) + len(data.global_test)) * cfg.personalize_epochs
-                for c in data.test_clients}
+    # units: examples trained and rows scored, every epoch of every (client, lr) pair
+    per_pair = {c.name: (c.num_examples + len(c.test) + len(data.global_test))
+                * cfg.personalize_epochs for c in data.test_clients}
     total = sum(per_pair.values()) * len(cfg.personalize_lrs)
     done_pairs = {(n, lr) for n, by_setting in progress.client_prompts.items()
                   for lr, _ in by_setting}
@@ -424,7 +425,8 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
             backbone, progress.model, data.test_clients, data.global_test, pspec,
             setup.budgets.personalization_group(scored_rows(data.test_clients, data.global_test,
                                                             pspec), pairs), evaluate_bank,
-            done=(progress.records, progress.client_prompts), on_group_done=group_done)
+            done=(progress.records, progress.client_prompts), on_group_done=group_done,
+            on_trained=advance)
     timing["personalize_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
     diverged = [r["diverged"] for r in records if "diverged" in r]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,6 +85,8 @@ def test_one_rank_run_builds_nothing_logs_plainly_and_data_previews_it(tmp_path)
                   "federated training: 2/2 (100%) | round 2/2", "personalization: "):
         assert phase in result.stderr, result.stderr
     assert "━" not in result.stderr  # no progress bar drawn into a pipe
+    # personalization counts its training steps too, so its progress reaches its total
+    assert re.search(r"personalization: (\d+)/\1 \(100%\)", result.stderr), result.stderr
     log = (out / "run.log").read_text()
     assert "federated training: 1/2 (50%) | round 1/2" in log and "local ROUGE-L" in log
     assert "DeepSpeed" not in result.stdout and "federated training" not in result.stdout

@@ -55,13 +55,16 @@ Prompts = dict[str, dict[Setting, State]]  # client name -> setting -> final sta
 def personalize(backbone: Backbone, model: State, clients: Sequence[ClientData],
                 global_test: EvalSet, spec: PersonalizeSpec, k_parallel: int,
                 evaluate: Evaluator, done: tuple[list[dict], Prompts] | None = None,
-                on_group_done: Callable[[list[dict], Prompts], None] | None = None
+                on_group_done: Callable[[list[dict], Prompts], None] | None = None,
+                on_trained: Callable[[int], None] | None = None
                 ) -> tuple[list[dict], Prompts]:
     """Per-(client, lr, lambda, epoch) scores, and each client's final state per (lr, lambda).
 
     `done` holds the records and prompts of (client, setting) pairs finished before an
     interruption; they are skipped. `on_group_done` sees everything finished so far after each
-    group (for checkpoints). Each pair's result depends only on itself, not on its group.
+    group (for checkpoints); `on_trained(n)` after each local step of the group's n examples
+    (progress: on a real model, training is most of personalization's time). Each pair's
+    result depends only on itself, not on its group.
     """
     records: list[dict] = list(done[0]) if done else []
     prompts: Prompts = {c.name: dict(done[1].get(c.name, {})) if done else {} for c in clients}
@@ -82,6 +85,7 @@ def personalize(backbone: Backbone, model: State, clients: Sequence[ClientData],
                 for k, (c, (lr_, _)) in enumerate(group)]
             before = bank
             bank, losses = run_local_steps(backbone, bank, spec.opt, state, lr, schedules,
+                                           after_step=_counting(schedules, on_trained),
                                            extra_grad=penalty, adapter=spec.adapter)
             ok = finite_rows(bank) & torch.isfinite(losses)
             for k, (c, setting) in enumerate(group):
@@ -112,6 +116,19 @@ def scored_rows(clients: Sequence[ClientData], global_test: EvalSet,
     test set and the global one, for its prompt and each interpolation alpha (`_score`)."""
     local = sum(len(c.test) for c in clients) / max(1, len(clients))
     return (local + len(global_test)) * (1 + len(spec.alphas))
+
+
+def _counting(schedules: Sequence[Sequence[Sequence]], on_trained: Callable[[int], None] | None
+              ) -> Callable[[], None] | None:
+    """An `after_step` for `run_local_steps` that tells `on_trained` each step's examples."""
+    if on_trained is None:
+        return None
+    step = iter(range(max((len(s) for s in schedules), default=0)))
+
+    def stepped() -> None:
+        t = next(step)
+        on_trained(sum(len(s[t]) for s in schedules if t < len(s)))
+    return stepped
 
 
 def _key(client: ClientData, setting: Setting, epoch: int) -> dict:

@@ -1,10 +1,11 @@
 """A sweep's summary.json as the prompt-vs-LoRA table of docs/FINDINGS.md §7.
 
-    python scripts/figures/adapters_table.py OUTPUT_DIR/summary.json
+    python scripts/figures/adapters_table.py OUTPUT_DIR/summary.json [MORE/summary.json ...]
 
 One row per setting: the federated state's local and global ROUGE-L, then each of the
 setting's own personalization lrs after its last epoch (adapters take different lr grids, so
-each cell names its lr), local / global; mean ± sample std over the seeds.
+each cell names its lr), local / global; mean ± sample std over the seeds. Several summaries
+(sweeps of other settings on the same data) give one table, in the order given.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 from sweep_table import cell
 
 
-def main(path: str) -> None:
-    groups = json.loads(Path(path).read_text())["groups"]
+def main(*paths: str) -> None:
+    groups = [g for path in paths for g in json.loads(Path(path).read_text())["groups"]]
     width = max(len(g["personalized"]) for g in groups)
     header = ["setting", "seeds", "federated local", "federated global",
               *(f"personalized #{i + 1}: lr, local / global" for i in range(width))]
@@ -31,4 +32,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
