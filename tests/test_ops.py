@@ -3,11 +3,13 @@ the Dockerfile and the launch scripts. All offline and CPU-only: nothing is down
 Docker engine or GPU is needed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -217,13 +219,18 @@ def test_persistent_parameters_follow_the_config():
     assert planning.persistent_params(shape, gpu) == (2 * 32 + 1) * 4096  # the RMSNorm weights
 
 
-def _saved_and_estimated_activation_bytes() -> tuple[int, int]:
-    """What autograd really saves for a frozen-weight forward, and the planner's estimate."""
+def _frozen_llama(kv_heads: int) -> tuple[LlamaConfig, LlamaForCausalLM]:
+    """A small bf16 Llama with frozen weights and SDPA attention, as the budgets assume."""
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                         attn_implementation="sdpa")
+                         num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+    return config, LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _saved_tensors(model) -> Iterator[dict[int, int]]:
+    """Bytes of every storage autograd saves in the block, by storage, the weights left out."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -232,10 +239,17 @@ def _saved_and_estimated_activation_bytes() -> tuple[int, int]:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        yield saved
+
+
+def _saved_and_estimated_activation_bytes() -> tuple[int, int]:
+    """What autograd really saves for a frozen-weight forward, and the planner's estimate."""
+    config, model = _frozen_llama(kv_heads=4)
     rows, tokens, prompt, labels = 2, 128, 8, 16
     ids = torch.randint(0, 512, (rows, tokens))
     soft = torch.randn(rows, prompt, 256, dtype=torch.bfloat16, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with _saved_tensors(model) as saved:
         x = torch.cat([soft, model.get_input_embeddings()(ids)], dim=1)
         hidden = model.model(inputs_embeds=x).last_hidden_state[:, -labels:]
         logits = model.lm_head(hidden).float()
@@ -264,12 +278,7 @@ def _lora_saved_bytes(targets: str) -> tuple[int, int]:
     from profit_ds.adapters.lora import LoraAdapter
     from profit_ds.memory import Dims
 
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    config, model = _frozen_llama(kv_heads=2)
     adapter = LoraAdapter(rank=8, targets=tuple(targets.split(",")))
     init = {k: torch.randn_like(v) for k, v in
             adapter.init(type("B", (), {"model": model})(), 0).items()}
@@ -279,20 +288,11 @@ def _lora_saved_bytes(targets: str) -> tuple[int, int]:
     ids = torch.randint(0, 512, (rows, tokens))
 
     def saved_by_forward(with_lora: bool) -> int:
-        saved: dict[int, int] = {}
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in weights:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         embeds = model.get_input_embeddings()(ids).requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            if with_lora:
-                with adapter.rows(model, bank, torch.arange(rows)):
-                    model.model(inputs_embeds=embeds).last_hidden_state.sum()
-            else:
-                model.model(inputs_embeds=embeds).last_hidden_state.sum()
+        scope = (adapter.rows(model, bank, torch.arange(rows)) if with_lora
+                 else contextlib.nullcontext())
+        with _saved_tensors(model) as saved, scope:
+            model.model(inputs_embeds=embeds).last_hidden_state.sum()
         return sum(saved.values())
 
     per_position, per_row = adapter.saved_bytes(Dims.of(config), 2)
