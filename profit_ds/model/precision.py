@@ -3,7 +3,7 @@
 bf16 halves a backbone's memory, and where the hardware multiplies bf16 natively (CUDA GPUs
 that support it; CPUs with AVX-512 BF16 or AMX) its matrix products run 2-4x faster than fp32.
 Where it does not, PyTorch emulates them: on an AVX2-only AMD EPYC a bf16 GEMM of SmolLM2's
-MLP shape ran 7x slower than fp32 (docs/BENCHMARKS.md, "bf16 without native support"), so
+MLP shape ran 7x slower than fp32 (10 against 68 GFLOP/s, docs/BENCHMARKS.md), so
 `auto` takes fp32 there. The choice is made once, when the config is built, and recorded in
 config.json as the concrete dtype (a resumed run keeps it).
 """
