@@ -108,6 +108,7 @@ def set_up(cfg: RunConfig, partition: Partition, backbone: Backbone | None = Non
     clients = data.train_clients + data.validation_clients + data.test_clients
     sets = [c.test for c in clients] + [data.global_test, data.global_validation]
     adapter = adapters.create(cfg)
+    adapter.check(backbone.model)
     work = work_shape([(len(e.source), len(e.target)) for c in clients for e in c.train],
                       [len(e.source) for s in sets for e in s.encoded], cfg.batch_size,
                       adapter.positions, new_tokens, distributed.world())

@@ -33,6 +33,10 @@ class Adapter(Protocol):
         """The size of one client's state in floats, from the model's shape alone (the plan
         counts the bank, its gradient and Adam's moments)."""
 
+    def check(self, model) -> None:
+        """Refuse, as a usage error naming the flag, settings the loaded `model` cannot take
+        (LoRA targets it does not have): before the budgets are sized from them."""
+
     def saved_bytes(self, dims: "Dims", b: int) -> tuple[int, int]:
         """What a training forward saves for the backward beyond the frozen backbone's own
         activations, in a dtype of `b` bytes: (bytes per position, bytes per row), over all

@@ -155,6 +155,10 @@ class LoraAdapter:
         """A client state's size in floats: r (d_in + d_out) per target module per layer."""
         return dims.layers * sum(self.rank * sum(target_shape(dims, t)) for t in self.targets)
 
+    def check(self, model) -> None:
+        """Every target names a linear layer of `model` (`modules` says which it has)."""
+        self.modules(model)
+
     def saved_bytes(self, dims: Dims, b: int) -> tuple[int, int]:
         """Per layer, the hook's two products save: each distinct target input x (d_in per
         position; q/k/v share one, as gate/up do; the frozen linear saves none of its own;

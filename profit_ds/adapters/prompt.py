@@ -52,6 +52,9 @@ class PromptAdapter:
         """A client state's size in floats: P x D."""
         return self.tokens * dims.hidden
 
+    def check(self, model) -> None:
+        """Any decoder takes a prompt."""
+
     def saved_bytes(self, dims: "Dims", b: int) -> tuple[int, int]:
         """Nothing beyond its P positions, which the backbone's per-position rule counts."""
         return 0, 0
