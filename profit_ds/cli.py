@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import signal
 import sys
 import typing
 import warnings
@@ -20,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import typer
 
+from profit_ds import stops
 from profit_ds.config import (FIELDS, LORA_DEFAULTS, REAL_MODEL_DEFAULTS, field_default,
                               field_type)
 from profit_ds.errors import Terminated, UsageError, explain
@@ -126,16 +126,6 @@ def _launcher_rank(argv: list[str]) -> list[str]:
     return out
 
 
-_STOPS: list[KeyboardInterrupt] = []  # the Ctrl-C / SIGTERM received, if any
-
-
-def _stop(signum: int, frame: object) -> None:
-    """Ctrl-C raises KeyboardInterrupt and SIGTERM `Terminated` (exit 143), remembered: a
-    library that swallows one (an interrupted import) fails later for no reason of its own."""
-    _STOPS.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
-    raise _STOPS[-1]
-
-
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """The parser's usage-error classes: Typer's own (it vendors click since 0.22) and
     click's, for older Typer versions."""
@@ -170,12 +160,12 @@ def _interrupt(err: BaseException) -> KeyboardInterrupt | None:
         if err.__cause__ is None and err.__suppress_context__:
             return None
         err = err.__cause__ or err.__context__
-    return _STOPS[-1] if _STOPS else None
+    return stops.latest()
 
 
 def _interrupted(stop: KeyboardInterrupt) -> typing.NoReturn:
     print("interrupted", file=sys.stderr)
-    sys.exit(getattr(stop, "exit_code", 130))
+    stops.exit_stopped(getattr(stop, "exit_code", 130))
 
 
 def main() -> None:
@@ -183,8 +173,7 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("PROFIT_DS_DEBUG") == "1"
     sys.argv = _launcher_rank([a for a in sys.argv if a != "--debug"])
     quiet_libraries()
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stops.install()
     try:
         _register()
         # without standalone mode, click returns a command's typer.Exit code instead of exiting
@@ -199,6 +188,8 @@ def main() -> None:
         if interrupt is not None:
             _interrupted(interrupt)
         code = getattr(stop, "exit_code", getattr(stop, "code", 0))
+        if code in (130, Terminated.exit_code):  # the command reported the stop itself
+            stops.exit_stopped(code)
         sys.exit(code)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM before a command could say more
         _interrupted(stop)
@@ -218,9 +209,9 @@ def main() -> None:
             sys.exit(2)
         if type(err).__name__ == "Abort" or isinstance(err, getattr(typer, "Abort", ())):
             print("aborted", file=sys.stderr)
-            sys.exit(130)
+            stops.exit_stopped(130)
         raise
     if code == 130:  # Typer's answer to a Ctrl-C (or SIGTERM) that no command reported
-        _interrupted(_STOPS[-1] if _STOPS else KeyboardInterrupt())
+        _interrupted(stops.latest() or KeyboardInterrupt())
     if isinstance(code, int) and code:
         sys.exit(code)

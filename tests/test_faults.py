@@ -242,15 +242,51 @@ class _Payload:
         return (Path.touch, (self.path,))
 
 
-def test_ctrl_c_during_start_up_is_one_line():
-    proc = subprocess.Popen([sys.executable, "-m", "profit_ds", "run", "--output-dir",
-                             "/nonexistent-never-written"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # within the imports / start-up
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 1.6, 2.5])
+def test_ctrl_c_during_start_up_is_one_line(delay, tmp_path):
+    """At any moment of start-up (the CLI's imports, Typer building the command, the lazy
+    imports of torch and transformers), Ctrl-C ends the run: exit 130, one line, nothing run."""
+    out = tmp_path / "never-written"
+    proc = subprocess.Popen([sys.executable, "-m", "profit_ds", "run", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted"), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and not (out / "checkpoints").exists()
+
+
+_SELF_INTERRUPTING = """
+import os, signal, sys, time
+from profit_ds import stops
+stops.install()
+sys.path.insert(0, sys.argv[1])
+try:
+    {trigger}
+    print("finished", flush=True)
+    time.sleep(5)
+    print("not stopped", flush=True)
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("trigger", ["import slow_module", "Finalized(); time.sleep(0)"])
+def test_a_stop_inside_an_import_or_finalizer_is_raised_after_it(trigger, tmp_path):
+    """Ctrl-C that lands inside an import or a `__del__` (where Python would print and ignore
+    it) is raised once that code is done: the import completes and the program stops."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\n"
+        "print('imported', flush=True)\n")
+    finalizer = ("class Finalized:\n    def __del__(self):\n"
+                 "        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(0.3)\n"
+                 "        print('finalized', flush=True)\n")
+    script = _SELF_INTERRUPTING.replace("try:", finalizer + "try:").format(trigger=trigger)
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    lines = res.stdout.split()
+    assert lines[0] in ("imported", "finalized") and "stopped" in lines, (res.stdout, res.stderr)
+    assert "not stopped" not in res.stdout and "Exception ignored" not in res.stderr
 
 
 # --------------------------------------------------------------------------- 7. tidiness
