@@ -242,7 +242,7 @@ class _Payload:
         return (Path.touch, (self.path,))
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 1.6, 2.5])
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
 def test_ctrl_c_during_start_up_is_one_line(delay, tmp_path):
     """At any moment of start-up (the CLI's imports, Typer building the command, the lazy
     imports of torch and transformers), Ctrl-C ends the run: exit 130, one line, nothing run."""
