@@ -6,8 +6,9 @@ nobody can handle it: a weakref callback inside importlib or a `__del__` (the er
 and ignored, and the run goes on as if Ctrl-C never came), module code that torch's C++ called
 (std::terminate: exit -6), or an exec'd string (dataclasses build methods that way; CPython then
 ends the process by SIGINT whatever caught the error). So a stop that lands inside an import or
-a finalizer is asked for again shortly, until it lands outside one. Only the standard library
-here: `python -m profit_ds` installs the handler before it imports anything else.
+a finalizer is asked for again shortly, until it lands outside one (for 10 s at most, so a hung
+import stays stoppable). Only the standard library here: `python -m profit_ds` installs the
+handler before it imports anything else.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import types
 import typing
 
@@ -23,6 +25,8 @@ from profit_ds.errors import Terminated
 
 RECEIVED: list[KeyboardInterrupt] = []  # the stops raised so far, latest last
 RETRY_S = 0.05  # how soon a stop that landed in an import or finalizer is asked for again
+DEFER_MAX_S = 10.0  # and for how long at most: an import that hangs must still be stoppable
+_deferred_since: float | None = None  # when the stop now asked for again first landed
 
 
 def _unsafe(frame: types.FrameType | None) -> bool:
@@ -39,11 +43,16 @@ def _unsafe(frame: types.FrameType | None) -> bool:
 def _handle(signum: int, frame: types.FrameType | None) -> None:
     """Raise KeyboardInterrupt (SIGTERM: `Terminated`), remembered: a library that swallows
     one fails later for no reason of its own, and `latest` tells why."""
+    global _deferred_since
     if _unsafe(frame):
-        again = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
-        again.daemon = True
-        again.start()
-        return
+        if _deferred_since is None:
+            _deferred_since = time.monotonic()
+        if time.monotonic() - _deferred_since < DEFER_MAX_S:
+            again = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+            return
+    _deferred_since = None
     RECEIVED.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
     raise RECEIVED[-1]
 

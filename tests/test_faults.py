@@ -289,6 +289,20 @@ def test_a_stop_inside_an_import_or_finalizer_is_raised_after_it(trigger, tmp_pa
     assert "not stopped" not in res.stdout and "Exception ignored" not in res.stderr
 
 
+def test_a_hung_import_stays_stoppable(tmp_path):
+    """A stop deferred inside an import is raised there once `DEFER_MAX_S` has passed."""
+    (tmp_path / "hung_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(60)\n")
+    script = _SELF_INTERRUPTING.replace("stops.install()",
+                                        "stops.install(); stops.DEFER_MAX_S = 0.5"
+                                        ).format(trigger="import hung_module")
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert res.stdout.split() == ["stopped"], (res.stdout, res.stderr)
+    assert time.monotonic() - start < 30
+
+
 # --------------------------------------------------------------------------- 7. tidiness
 def test_sigterm_says_how_to_resume_and_leaves_nothing_behind(tmp_path):
     out, tmp = tmp_path / "run", tmp_path / "tmpdir"
