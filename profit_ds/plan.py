@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 from profit_ds.config import build
 from profit_ds.errors import UsageError
-from profit_ds.memory import (CUDA_RESERVE, GB, Budgets, Dims, WorkShape, budgets, token_costs,
-                              usable_gpu_memory)
+from profit_ds.memory import (CUDA_RESERVE, GB, Budgets, Dims, WorkShape, budgets, call_rows,
+                              token_costs, usable_gpu_memory)
 from profit_ds.model.aliases import gated_hint, resolve_model
 from profit_ds.model.ds_config import (deepspeed_zero, load_ds_config, offloads_params,
                                        uses_zero3, without_zero_init)
@@ -252,7 +252,9 @@ def memory(shape: ModelShape, work: Workload, zero, offload: bool, clients: int,
     rows = max(1, plan_budgets.tokens_per_forward // w.longest_row)
     train = costs.train(rows, w.longest_row, w.prompt_tokens + w.longest_row,
                         int(rows * w.longest_row * w.label_share))
-    generation = costs.generate(plan_budgets.generation_rows, w.longest_context, w.new_tokens)
+    rows_per_call = call_rows(plan_budgets.generation_rows, plan_budgets.generation_tokens,
+                              w.longest_context + w.new_tokens)
+    generation = costs.generate(rows_per_call, w.longest_context, w.new_tokens)
     return Memory(weights=weights, gathered=gathered, activations=max(train, generation),
                   prompts=clients * work.state_floats * 4 * PROMPT_TENSORS,
                   runtime=CUDA_CONTEXT + CUDA_RESERVE), plan_budgets

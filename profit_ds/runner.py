@@ -294,12 +294,13 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
         io.write_json(out / "manifest.json", partition.manifest)
     predictions = PredictionFiles(out, enabled=main)
     timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
-    rows = setup.budgets.generation_rows
+    rows, call_tokens = setup.budgets.generation_rows, setup.budgets.generation_tokens
 
     def score(bank: State, requests: Sequence[tuple[int, EvalSet]], label: str,
               through: Adapter = adapter) -> list[dict]:
         with reporter.task(label, sum(len(s) for _, s in requests)) as advance:
-            return evaluate(backbone, bank, requests, new_tokens, rows, advance, through)
+            return evaluate(backbone, bank, requests, new_tokens, rows, advance, through,
+                            call_tokens)
 
     def score_shared(model: State, phase: str, label: str, through: Adapter = adapter) -> dict:
         """One state for every test client; its predictions file."""
@@ -410,7 +411,8 @@ def _run(cfg: RunConfig, backbone: Backbone | None) -> dict:
 
         def evaluate_bank(bank, requests, tags):
             t_score = time.perf_counter()
-            scores = evaluate(backbone, bank, requests, new_tokens, rows, advance, adapter)
+            scores = evaluate(backbone, bank, requests, new_tokens, rows, advance, adapter,
+                              call_tokens)
             timing["personalize_score_s"] += time.perf_counter() - t_score
             predictions.append("personalized", [
                 line for (_, s), tag, result in zip(requests, tags, scores)
@@ -465,7 +467,8 @@ def _budget_line(setup: Setup) -> str:
     """The budgets as one line of the log: what the run will hold, and why."""
     b = setup.budgets
     return (f"budgets per rank: {b.memory / 1e9:.2f} GB ({b.memory_source}); forward "
-            f"<= {b.tokens_per_forward} tokens, generation {b.generation_rows} rows, "
+            f"<= {b.tokens_per_forward} tokens, generation <= {b.generation_rows} rows and "
+            f"{b.generation_tokens} positions, "
             f"activation checkpointing {'on' if b.checkpointing else 'off'}; chat template "
             f"{'on' if setup.chat else 'off'}; {setup.new_tokens} new tokens")
 

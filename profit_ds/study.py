@@ -93,7 +93,8 @@ def run_study(run: FinishedRun, grid: StudyGrid, reporter: Reporter | None = Non
         def score(bank: State, requests: Sequence[tuple[int, EvalSet]],
                   tags: Sequence[dict] = ()) -> list[dict]:
             return evaluate(run.backbone, bank, requests, run.new_tokens,
-                            run.budgets.generation_rows, advance, run.adapter)
+                            run.budgets.generation_rows, advance, run.adapter,
+                            run.budgets.generation_tokens)
 
         federated, records = {}, []
         for split, (clients, global_set) in splits.items():

@@ -12,6 +12,7 @@ import torch
 
 from profit_ds import memory
 from profit_ds import plan as planning
+from profit_ds.evaluation.generate import _calls
 from profit_ds.fl.gradients import forward_chunks, mean_loss_gradients
 from profit_ds.model.prompted import Encoded
 
@@ -61,7 +62,9 @@ def test_llama_7b_on_one_80gb_gpu_run_budgets_fit_the_plan(monkeypatch):
         assert _chunk_bytes(costs, chunk, work.prompt_tokens) <= plan.memory.activations
         assert _chunk_bytes(costs, chunk, work.prompt_tokens) <= run.memory
     context = work.prompt_tokens + work.seq_len - target
-    assert costs.generate(run.generation_rows, context, target + 1) <= plan.memory.activations
+    rows_per_call = memory.call_rows(run.generation_rows, run.generation_tokens,
+                                     context + target + 1)
+    assert costs.generate(rows_per_call, context, target + 1) <= plan.memory.activations
     assert (plan.memory.weights + max(_chunk_bytes(costs, c, work.prompt_tokens) for c in chunks)
             + plan.memory.prompts + plan.memory.runtime) <= 80 * GB
 
@@ -81,8 +84,12 @@ def test_budgets_never_exceed_the_given_memory(budget_gb):
     for chunk in _rows_of(forward_chunks(rows, 20, len(rows), b.forward)):
         fits = _chunk_bytes(b.forward.costs, chunk, 20) <= limit
         assert fits or (len(chunk) == 1 and single > limit)
-    row = b.forward.costs.generate(1, work.longest_context, work.new_tokens)
-    assert b.generation_rows * row <= limit or b.generation_rows == 1
+    new = work.new_tokens
+    lengths = sorted((20 + n + new for n in (300, 150, 60, 12) * 40), reverse=True)
+    for start, stop in _calls(lengths, b.generation_rows, b.generation_tokens, 1):
+        rows_in_call, context = stop - start, lengths[start] - new
+        fits = b.forward.costs.generate(rows_in_call, context, new) <= limit
+        assert fits or rows_in_call == 1
     plain = memory.token_costs(shape.dims, "bf16", True)
     needs = plain.train(1, work.longest_row, 20 + work.longest_row, 20) > limit
     assert b.checkpointing == needs

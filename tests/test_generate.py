@@ -5,10 +5,18 @@ finished rows. In fp32 both must give the same tokens for every row, whichever s
 stops at, from the same left-padded embeddings (a prompt's embeddings before each source)."""
 from __future__ import annotations
 
+import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from profit_ds.evaluation.generate import greedy
+from profit_ds.data.builtin import builtin_tasks
+from profit_ds.data.format import to_example
+from profit_ds.evaluation import generate as generation
+from profit_ds.evaluation.generate import _calls, generate, greedy
+from profit_ds.model.backbone import Backbone, load_config_and_tokenizer
+from profit_ds.model.builtin import BUILTIN_DIR
+from profit_ds.model.ds_config import without_zero_init
+from profit_ds.model.prompted import encode
 
 NEW_TOKENS = 12
 
@@ -52,3 +60,48 @@ def test_greedy_equals_generate_while_rows_stop_at_different_steps():
         ours = greedy(model, embeds, mask, NEW_TOKENS, eos)
     assert ours == _hf(model, embeds, mask, eos)
     assert sorted(len(r) for r in ours) != [NEW_TOKENS] * len(ours)  # rows did stop early
+
+
+@pytest.mark.parametrize("world, expected", [
+    (1, [(0, 1), (1, 2), (2, 5), (5, 9), (9, 10)]),
+    (2, [(0, 2), (2, 8), (8, 10)]),
+])
+def test_calls_bound_rows_and_padded_positions_per_rank(world, expected):
+    """Rows longest first: a call takes at most 4 rows and 1,000 padded positions per rank
+    (its rows pad to its first), one row per rank however long; every row once, in order."""
+    lengths = [900, 700, 300, 120, 120, 60, 40, 40, 30, 20]
+    calls = _calls(lengths, 4, 1000, world)
+    assert calls == expected
+    assert [i for a, b in calls for i in range(a, b)] == list(range(len(lengths)))
+    for a, b in calls:
+        per_rank = -(-(b - a) // world)
+        assert per_rank <= 4 and (per_rank * lengths[a] <= 1000 or per_rank == 1)
+    assert _calls(lengths, 4, None, 1) == [(0, 4), (4, 8), (8, 10)]  # rows alone
+
+
+def test_a_bound_on_padded_positions_splits_calls_not_predictions(monkeypatch):
+    """The trained built-in model, a prompt, rows of many lengths: calls bounded by padded
+    positions (long rows alone, short ones together) give the predictions of one call."""
+    with without_zero_init():
+        model = AutoModelForCausalLM.from_pretrained(BUILTIN_DIR).eval()
+    _, tok = load_config_and_tokenizer("tiny")
+    backbone = Backbone(model, None, tok, "tiny", torch.float32)
+    torch.manual_seed(0)
+    vocab = model.get_input_embeddings().weight.detach()
+    bank = {"prompt": vocab[torch.randint(3, vocab.shape[0], (2, 8))].clone()}
+    tasks = builtin_tasks(instances_per_task=2)[::3]
+    enc = encode(tok, [to_example(t, i) for t in tasks for i in t.instances])
+    jobs = [(k, e) for k in range(2) for e in enc]
+    lengths = sorted({len(e.source) for e in enc})
+    assert len(lengths) >= 4  # rows of several lengths, so calls differ in rows
+    sizes: list[int] = []
+    real = generation._generate_batch
+    monkeypatch.setattr(generation, "_generate_batch",
+                        lambda *a: sizes.append(len(a[4])) or real(*a))
+    whole = generate(backbone, bank, jobs, 6, batch_rows=len(jobs))
+    assert sizes == [len(jobs)]
+    sizes.clear()
+    bound = 2 * (8 + lengths[0] + 6)  # two of the shortest rows, one of the longest
+    split = generate(backbone, bank, jobs, 6, batch_rows=len(jobs), batch_tokens=bound)
+    assert split == whole and len(set(whole)) > 3
+    assert sizes[0] == 1 and max(sizes) == 2 and sum(sizes) == len(jobs)

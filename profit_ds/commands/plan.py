@@ -41,8 +41,9 @@ def _facts_table(result: planning.Plan) -> Table:
                   f"{result.clients_in_parallel} x {work.micro_batch}, split over "
                   f"{work.world} GPU(s)")
     b = result.budgets
-    table.add_row("run's budgets per GPU: memory / tokens per forward / generation rows",
-                  f"{b.memory / GB:.2f} GB / {b.tokens_per_forward} / {b.generation_rows}")
+    table.add_row("run's budgets per GPU: memory / tokens per forward / generation rows, "
+                  "positions", f"{b.memory / GB:.2f} GB / {b.tokens_per_forward} / "
+                  f"{b.generation_rows}, {b.generation_tokens}")
     table.add_row("activation checkpointing", "on" if b.checkpointing else "off")
     return table
 

@@ -22,7 +22,7 @@ from profit_ds.adapters.prompt import PROMPT
 from profit_ds.evaluation.rouge import score_predictions
 from profit_ds.fl.clients import EvalSet
 from profit_ds.fl.state import State
-from profit_ds.memory import release_freed_memory
+from profit_ds.memory import call_rows, release_freed_memory
 from profit_ds.model.backbone import Backbone
 from profit_ds.model.prompted import Encoded, model_device, select_cache_rows
 
@@ -53,10 +53,11 @@ def _left_padded_inputs(backbone: Backbone, prefix: torch.Tensor | None,
 @torch.no_grad()
 def generate(backbone: Backbone, bank: State, jobs: Sequence[tuple[int, Encoded]],
              max_new_tokens: int, batch_rows: int,
-             advance: Callable[[int], None] | None = None, adapter: Adapter = PROMPT
-             ) -> list[str]:
+             advance: Callable[[int], None] | None = None, adapter: Adapter = PROMPT,
+             batch_tokens: int | None = None) -> list[str]:
     """Greedy continuations (decoded, stripped) for `jobs` = (bank index, encoded example),
-    row r under its client state `bank[k_r]` through `adapter`.
+    row r under its client state `bank[k_r]` through `adapter`, in calls of at most
+    `batch_rows` rows and `batch_tokens` padded positions per rank (`_calls`).
 
     A job repeated in `jobs` (the same bank row and source) is generated once: a client's
     local test set is part of the global one, and personalization scores a prompt on both
@@ -70,16 +71,34 @@ def generate(backbone: Backbone, bank: State, jobs: Sequence[tuple[int, Encoded]
     copy_of = [first.setdefault((k, e.source), i) for i, (k, e) in enumerate(jobs)]
     copies = Counter(copy_of)
     order = sorted(copies, key=lambda i: -len(jobs[i][1].source))
+    extra = adapter.extra_tokens(bank) + max_new_tokens
+    lengths = [extra + len(jobs[i][1].source) for i in order]
     texts: list[str] = [""] * len(jobs)
-    step = batch_rows * world
     with backbone.attention("sdpa"):
-        for start in range(0, len(order), step):
-            batch = order[start: start + step]
+        for start, stop in _calls(lengths, batch_rows, batch_tokens, world):
+            batch = order[start: stop]
             _generate_batch(backbone, adapter, bank, jobs, batch, max_new_tokens, texts)
             release_freed_memory()  # this batch's KV cache, before the next one's
             if advance:
                 advance(sum(copies[i] for i in batch))
     return [texts[i] for i in copy_of]
+
+
+def _calls(lengths: Sequence[int], rows: int, tokens: int | None,
+           world: int) -> list[tuple[int, int]]:
+    """(start, stop) of each generate call over rows of `lengths` padded positions (prompt,
+    source and new tokens), longest first: at most `rows` rows per rank and, given `tokens`,
+    at most that many padded positions per rank (a call pads every row to its first).
+
+    The token bound keeps the calls of long rows small, whose KV cache and prefill are the
+    bulk of a run's memory, while short rows still share a call by the `rows`: the
+    padded positions of a call, not its rows, are what its time and memory follow."""
+    calls, start = [], 0
+    while start < len(lengths):
+        stop = min(len(lengths), start + call_rows(rows, tokens, lengths[start]) * world)
+        calls.append((start, stop))
+        start = stop
+    return calls
 
 
 def _generate_batch(backbone: Backbone, adapter: Adapter, bank: State,
@@ -161,14 +180,15 @@ def _anyone_left(live_rows: int, synced: bool) -> bool:
 
 def evaluate(backbone: Backbone, bank: State, requests: Sequence[tuple[int, EvalSet]],
              max_new_tokens: int, batch_rows: int,
-             advance: Callable[[int], None] | None = None, adapter: Adapter = PROMPT
-             ) -> list[dict]:
+             advance: Callable[[int], None] | None = None, adapter: Adapter = PROMPT,
+             batch_tokens: int | None = None) -> list[dict]:
     """Score state `bank[k]` on each requested set; all requests share generation batches.
 
     Each result holds the set's ROUGE-L and exact match, and, for the predictions files,
     its "predictions" and "example_rouge_l" in the set's order."""
     jobs = [(k, e) for k, s in requests for e in s.encoded]
-    texts = generate(backbone, bank, jobs, max_new_tokens, batch_rows, advance, adapter)
+    texts = generate(backbone, bank, jobs, max_new_tokens, batch_rows, advance, adapter,
+                     batch_tokens)
     results, start = [], 0
     for _, s in requests:
         chunk = texts[start: start + len(s)]
