@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from profit_ds.data.builtin import builtin_tasks
 from profit_ds.data.format import to_example
@@ -16,6 +17,7 @@ from profit_ds.evaluation.generate import _calls, generate, greedy
 from profit_ds.model.backbone import Backbone, load_config_and_tokenizer
 from profit_ds.model.builtin import BUILTIN_DIR
 from profit_ds.model.ds_config import without_zero_init
+from profit_ds.model.kv_cache import ReservedLayer
 from profit_ds.model.prompted import encode
 
 NEW_TOKENS = 12
@@ -105,3 +107,23 @@ def test_a_bound_on_padded_positions_splits_calls_not_predictions(monkeypatch):
     split = generate(backbone, bank, jobs, 6, batch_rows=len(jobs), batch_tokens=bound)
     assert split == whole and len(set(whole)) > 3
     assert sizes[0] == 1 and max(sizes) == 2 and sum(sizes) == len(jobs)
+
+
+@pytest.mark.parametrize("capacity", [12, 5])  # room for every step; too little: it grows
+def test_a_reserved_cache_holds_what_dynamic_cache_holds(capacity):
+    """Step by step, with rows dropped and repeated on the way, the reserved layer's keys and
+    values are DynamicLayer's bit for bit (same shapes, so attention reads the same)."""
+    torch.manual_seed(0)
+    reserved, dynamic = ReservedLayer(capacity), DynamicLayer()
+    rows = 4
+    for step, (length, keep) in enumerate([(6, None), (1, None), (1, [0, 2, 3]), (1, [2, 0]),
+                                           (1, [0, 0, 1]), (1, None)]):
+        if keep is not None:
+            rows = len(keep)
+            reserved.select_rows(torch.tensor(keep))
+            dynamic.keys, dynamic.values = (t.index_select(0, torch.tensor(keep))
+                                            for t in (dynamic.keys, dynamic.values))
+        k, v = torch.randn(rows, 2, length, 3), torch.randn(rows, 2, length, 3)
+        for got, want in zip(reserved.update(k, v), dynamic.update(k, v)):
+            assert got.shape == want.shape and torch.equal(got, want), step
+        assert reserved.get_seq_length() == dynamic.get_seq_length()

@@ -24,6 +24,7 @@ from profit_ds.fl.clients import EvalSet
 from profit_ds.fl.state import State
 from profit_ds.memory import call_rows, release_freed_memory
 from profit_ds.model.backbone import Backbone
+from profit_ds.model.kv_cache import ReservedCache
 from profit_ds.model.prompted import Encoded, model_device, select_cache_rows
 
 
@@ -140,7 +141,8 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
     """
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
+                cache=ReservedCache(embeds.shape[1] + max_new_tokens), use_cache=True,
+                logits_to_keep=1)
     cache, last = out.cache, positions[:, -1]
     live = torch.arange(len(embeds))  # batch row -> row of `embeds`
     tokens: list[list[int]] = [[] for _ in range(len(embeds))]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from profit_ds.data.format import TruncationReport, truncate_source, truncate_target
 from profit_ds.data.types import Example
+from profit_ds.model.kv_cache import ReservedLayer
 
 IGNORE = -100
 
@@ -117,10 +118,14 @@ def collate(encoded: Sequence[Encoded], row_client: Sequence[int], pad_id: int) 
 def select_cache_rows(cache, rows: torch.Tensor) -> None:
     """Keep (and repeat) the KV cache entries `rows`, in place: one entry per client expanded
     to one per row, or a batch's finished rows dropped; with index_select (not
-    `cache.batch_select_indices`, which indexes: the determinism rule above)."""
+    `cache.batch_select_indices`, which indexes: the determinism rule above); a reserved
+    layer keeps its room for the positions still to come (`model/kv_cache.py`)."""
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
+        if isinstance(layer, ReservedLayer):
+            layer.select_rows(rows)
+        else:
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
 
 
 @contextmanager
