@@ -281,6 +281,10 @@ def call_rows(rows: int, tokens: int | None, positions: int) -> int:
     return rows if tokens is None else max(1, min(rows, tokens // positions))
 
 
+MMAP_THRESHOLD = 4 * 2**20  # bytes; glibc's M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
 def release_freed_memory() -> None:
     """Hand the heap pages freed tensors left back to the OS (glibc's `malloc_trim`).
 
@@ -288,17 +292,38 @@ def release_freed_memory() -> None:
     after training's saved activations, a longer batch after a shorter) takes new ones: a
     SmolLM2 run whose phases each peaked below 3.7 GB reached 6.0 GB of RSS on a CPU. Called
     after each generate call and each local training; a no-op where there is no glibc."""
-    global _TRIM
-    if _TRIM is None:
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+def fix_mmap_threshold() -> bool:
+    """Serve every allocation of `MMAP_THRESHOLD` or more from its own mapping, returned to
+    the OS when freed (glibc's `mallopt(M_MMAP_THRESHOLD)`; a no-op without glibc).
+
+    glibc's default threshold starts at 128 KB and rises to the size of each large block
+    freed, up to 32 MB, so a training forward's saved activations (a few MB each) soon come
+    from the heap, whose freed pages stay in the process between forwards: a short SmolLM2
+    run peaked at 3.66 GB with the default and 3.23 GB with 4 MB, in the same time; 256 KB
+    held less still but ran training 2.5x slower, a page fault on every mid-sized tensor
+    (docs/BENCHMARKS.md). Fixing it also stops glibc's own raising of it. True if it took."""
+    libc = _libc()
+    return bool(libc) and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+
+
+def _libc():
+    """glibc, or False where there is none (musl, macOS)."""
+    global _LIBC
+    if _LIBC is None:
         try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+            lib = ctypes.CDLL("libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC
 
 
-_TRIM = None
+_LIBC = None
 
 
 def free_memory(device: str, budget_gb: float | None = None) -> tuple[int, str]:
