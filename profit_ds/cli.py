@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 
 from profit_ds import stops
-from profit_ds.memory import fix_mmap_threshold
+from profit_ds.memory import bound_native_caches
 from profit_ds.config import (FIELDS, LORA_DEFAULTS, REAL_MODEL_DEFAULTS, field_default,
                               field_type)
 from profit_ds.errors import Terminated, UsageError, explain
@@ -174,7 +174,7 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("PROFIT_DS_DEBUG") == "1"
     sys.argv = _launcher_rank([a for a in sys.argv if a != "--debug"])
     quiet_libraries()
-    fix_mmap_threshold()  # before the first large tensor: heap kept between forwards
+    bound_native_caches()  # before torch computes: heap and oneDNN kept between forwards
     stops.install()
     try:
         _register()

@@ -283,6 +283,7 @@ def call_rows(rows: int, tokens: int | None, positions: int) -> int:
 
 MMAP_THRESHOLD = 4 * 2**20  # bytes; glibc's M_MMAP_THRESHOLD
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+ONEDNN_PRIMITIVES = 8  # matmul primitives oneDNN keeps (its default: 1,024)
 
 
 def release_freed_memory() -> None:
@@ -297,16 +298,24 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def fix_mmap_threshold() -> bool:
-    """Serve every allocation of `MMAP_THRESHOLD` or more from its own mapping, returned to
-    the OS when freed (glibc's `mallopt(M_MMAP_THRESHOLD)`; a no-op without glibc).
+def bound_native_caches() -> bool:
+    """Keep native allocators from holding memory a run no longer uses; call before torch
+    computes anything. True if glibc's threshold took (tested; a no-op without glibc).
 
-    glibc's default threshold starts at 128 KB and rises to the size of each large block
-    freed, up to 32 MB, so a training forward's saved activations (a few MB each) soon come
-    from the heap, whose freed pages stay in the process between forwards: a short SmolLM2
-    run peaked at 3.66 GB with the default and 3.23 GB with 4 MB, in the same time; 256 KB
-    held less still but ran training 2.5x slower, a page fault on every mid-sized tensor
-    (docs/BENCHMARKS.md). Fixing it also stops glibc's own raising of it. True if it took."""
+    glibc: serve every allocation of `MMAP_THRESHOLD` or more from its own mapping, returned
+    to the OS when freed (`mallopt(M_MMAP_THRESHOLD)`). Its default threshold starts at 128 KB
+    and rises to the size of each large block freed, up to 32 MB, so a training forward's
+    saved activations (a few MB each) soon come from the heap, whose freed pages stay in the
+    process between forwards: a short SmolLM2 run peaked at 3.66 GB with the default and
+    3.23 GB with 4 MB, in the same time; 256 KB held less still but ran training 2.5x slower,
+    a page fault on every mid-sized tensor (docs/BENCHMARKS.md).
+
+    oneDNN (PyTorch's CPU matmuls in bf16) keeps up to 1,024 primitives, one per matmul shape
+    met, each with memory of its own; training's rows come in ever new lengths, so on SmolLM2
+    that held 0.45 GB more after 8 training steps, and a step peaked 0.55 GB higher, than with
+    `ONEDNN_PRIMITIVE_CACHE_CAPACITY` = `ONEDNN_PRIMITIVES` (in the same time). A user's own
+    setting of that variable wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))
     libc = _libc()
     return bool(libc) and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 

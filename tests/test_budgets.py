@@ -158,10 +158,10 @@ def test_activation_checkpointing_gives_the_same_gradients(backbone, reference_m
 
 _HEAP_PROBE = """
 import torch
-from profit_ds.memory import fix_mmap_threshold
+from profit_ds.memory import bound_native_caches
 def rss_mb():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
-fixed = fix_mmap_threshold()
+fixed = bound_native_caches()
 torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1)  # freed: default glibc now heaps 8 MB
 keep = []
 for _ in range(50):  # 6 MB blocks among small live ones that pin the heap
@@ -174,7 +174,7 @@ print(fixed, held - rss_mb())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_fixed_mmap_threshold_returns_freed_activation_sized_blocks():
-    """With `fix_mmap_threshold`, freeing 300 MB of 6 MB tensors among small live ones hands
+    """With `bound_native_caches`, freeing 300 MB of 6 MB tensors among small live ones hands
     all of it back to the OS. glibc's default, once its threshold has risen past 6 MB, keeps
     them in the heap for reuse (in some runs of this probe, not all: when its threshold
     rises varies), the RSS a SmolLM2 run's training forwards left behind (docs/BENCHMARKS.md)."""
