@@ -12,7 +12,7 @@ import torch
 
 from profit_ds import memory
 from profit_ds import plan as planning
-from profit_ds.evaluation.generate import _calls
+from profit_ds.evaluation.generate import Batching
 from profit_ds.fl.gradients import forward_chunks, mean_loss_gradients
 from profit_ds.model.prompted import Encoded
 
@@ -85,11 +85,10 @@ def test_budgets_never_exceed_the_given_memory(budget_gb):
         fits = _chunk_bytes(b.forward.costs, chunk, 20) <= limit
         assert fits or (len(chunk) == 1 and single > limit)
     new = work.new_tokens
-    lengths = sorted((20 + n + new for n in (300, 150, 60, 12) * 40), reverse=True)
-    for start, stop in _calls(lengths, b.generation_rows, b.generation_tokens, 1):
-        rows_in_call, context = stop - start, lengths[start] - new
-        fits = b.forward.costs.generate(rows_in_call, context, new) <= limit
-        assert fits or rows_in_call == 1
+    batching = Batching(b.generation_rows, b.generation_tokens)
+    for context in (20 + n for n in (300, 150, 60, 12)):  # a batch as wide as `context`
+        rows = batching.room(0, context, new)
+        assert b.forward.costs.generate(rows, context, new) <= limit or rows == 1
     plain = memory.token_costs(shape.dims, "bf16", True)
     needs = plain.train(1, work.longest_row, 20 + work.longest_row, 20) > limit
     assert b.checkpointing == needs

@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicLayer
 from profit_ds.data.builtin import builtin_tasks
 from profit_ds.data.format import to_example
 from profit_ds.evaluation import generate as generation
-from profit_ds.evaluation.generate import _calls, generate, greedy
+from profit_ds.evaluation.generate import generate, greedy
 from profit_ds.model.backbone import Backbone, load_config_and_tokenizer
 from profit_ds.model.builtin import BUILTIN_DIR
 from profit_ds.model.ds_config import without_zero_init
@@ -48,8 +48,15 @@ def _hf(model, embeds, mask, eos: int) -> list[list[int]]:
     return rows
 
 
-def test_greedy_equals_generate_while_rows_stop_at_different_steps():
-    model, embeds, mask = _model_and_batch()
+def _inputs(embeds: torch.Tensor, mask: torch.Tensor):
+    """`greedy`'s `inputs`: rows of the left-padded batch, cut to their longest."""
+    def rows_of(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = int(mask[rows].sum(1).max())
+        return embeds[rows, -width:], mask[rows, -width:]
+    return rows_of
+
+
+def _eos_stopping_rows_at_different_steps(model, embeds, mask) -> int:
     free = _hf(model, embeds, mask, eos=-1)  # no row stops: which tokens come when
     # an EOS that ends some rows early, others later, and leaves some running to the limit
     steps = {t: [row.index(t) if t in row else None for row in free]
@@ -57,33 +64,52 @@ def test_greedy_equals_generate_while_rows_stop_at_different_steps():
     eos = max(steps, key=lambda t: len({s for s in steps[t]}))
     stops = steps[eos]
     assert None in stops and len({s for s in stops if s is not None}) >= 2, stops
+    return eos
 
+
+@pytest.mark.parametrize("rows, tokens", [(6, None), (2, None), (3, 3 * (9 + NEW_TOKENS))])
+def test_greedy_equals_generate_while_rows_stop_and_join_at_different_steps(rows, tokens):
+    """One batch of every row, or batches of 2 or 3 rows into which the next rows join as
+    others finish (right-aligned against rows already 1-11 steps in): the tokens of
+    `generate` on the whole batch, row for row. No forward holds more than `rows` rows or
+    more than `tokens` positions of KV cache."""
+    model, embeds, mask = _model_and_batch()
+    eos = _eos_stopping_rows_at_different_steps(model, embeds, mask)
+    lengths = mask.sum(1).tolist()
+    forwards: list[tuple[int, int]] = []
+    real = model.forward
+
+    def counted(*args, **kwargs):
+        forwards.append(tuple(kwargs["attention_mask"].shape))
+        return real(*args, **kwargs)
+    model.forward = counted
     with torch.no_grad():
-        ours = greedy(model, embeds, mask, NEW_TOKENS, eos)
+        ours = greedy(model, _inputs(embeds, mask), lengths, NEW_TOKENS, eos,
+                      generation.Batching(rows, tokens))
+    del model.forward
     assert ours == _hf(model, embeds, mask, eos)
     assert sorted(len(r) for r in ours) != [NEW_TOKENS] * len(ours)  # rows did stop early
+    assert max(r for r, _ in forwards) <= rows
+    if tokens:
+        assert all(r * w <= tokens for r, w in forwards)
+    growing = [b[0] > a[0] for a, b in zip(forwards, forwards[1:])]
+    assert any(growing) == (rows < len(lengths))  # rows joined a running batch
 
 
-@pytest.mark.parametrize("world, expected", [
-    (1, [(0, 1), (1, 2), (2, 5), (5, 9), (9, 10)]),
-    (2, [(0, 2), (2, 8), (8, 10)]),
-])
-def test_calls_bound_rows_and_padded_positions_per_rank(world, expected):
-    """Rows longest first: a call takes at most 4 rows and 1,000 padded positions per rank
-    (its rows pad to its first), one row per rank however long; every row once, in order."""
-    lengths = [900, 700, 300, 120, 120, 60, 40, 40, 30, 20]
-    calls = _calls(lengths, 4, 1000, world)
-    assert calls == expected
-    assert [i for a, b in calls for i in range(a, b)] == list(range(len(lengths)))
-    for a, b in calls:
-        per_rank = -(-(b - a) // world)
-        assert per_rank <= 4 and (per_rank * lengths[a] <= 1000 or per_rank == 1)
-    assert _calls(lengths, 4, None, 1) == [(0, 4), (4, 8), (8, 10)]  # rows alone
+def test_batching_room_bounds_rows_and_positions():
+    """A batch takes at most 4 rows and 1,000 positions (each row at the batch's width plus
+    the new tokens); a row always fits an empty batch, however long."""
+    b = generation.Batching(4, 1000)
+    assert b.room(0, 950, 50) == 1 and b.room(0, 2000, 50) == 1
+    assert b.room(0, 200, 50) == 4 and b.room(1, 200, 50) == 3 and b.room(4, 200, 50) == 0
+    assert b.room(1, 450, 50) == 1 and b.room(2, 450, 50) == 0
+    assert generation.Batching(4, None).room(3, 10**6, 50) == 1
 
 
-def test_a_bound_on_padded_positions_splits_calls_not_predictions(monkeypatch):
-    """The trained built-in model, a prompt, rows of many lengths: calls bounded by padded
-    positions (long rows alone, short ones together) give the predictions of one call."""
+def test_a_bound_on_positions_changes_batches_not_predictions(monkeypatch):
+    """The trained built-in model, a prompt, rows of many lengths: batches bounded by
+    positions (the longest rows alone, short ones together, joining as others finish) give
+    the predictions of one batch of every row."""
     with without_zero_init():
         model = AutoModelForCausalLM.from_pretrained(BUILTIN_DIR).eval()
     _, tok = load_config_and_tokenizer("tiny")
@@ -95,18 +121,18 @@ def test_a_bound_on_padded_positions_splits_calls_not_predictions(monkeypatch):
     enc = encode(tok, [to_example(t, i) for t in tasks for i in t.instances])
     jobs = [(k, e) for k in range(2) for e in enc]
     lengths = sorted({len(e.source) for e in enc})
-    assert len(lengths) >= 4  # rows of several lengths, so calls differ in rows
+    assert len(lengths) >= 4  # rows of several lengths, so batches differ in rows
     sizes: list[int] = []
-    real = generation._generate_batch
-    monkeypatch.setattr(generation, "_generate_batch",
-                        lambda *a: sizes.append(len(a[4])) or real(*a))
+    real = generation._prefill
+    monkeypatch.setattr(generation, "_prefill",
+                        lambda *a: sizes.append(len(a[2])) or real(*a))
     whole = generate(backbone, bank, jobs, 6, batch_rows=len(jobs))
     assert sizes == [len(jobs)]
     sizes.clear()
     bound = 2 * (8 + lengths[0] + 6)  # two of the shortest rows, one of the longest
     split = generate(backbone, bank, jobs, 6, batch_rows=len(jobs), batch_tokens=bound)
     assert split == whole and len(set(whole)) > 3
-    assert sizes[0] == 1 and max(sizes) == 2 and sum(sizes) == len(jobs)
+    assert sizes[0] == 1 and max(sizes) <= 2 and sum(sizes) == len(jobs)
 
 
 @pytest.mark.parametrize("capacity", [12, 5])  # room for every step; too little: it grows

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 
 class RowScope(Protocol):
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (and repeat) the batch rows `rows`, as generation drops its finished rows."""
+    def set_rows(self, row_client: torch.Tensor) -> None:
+        """From the next forward on, batch row r is client `row_client[r]`'s: generation
+        drops its finished rows and brings in new ones."""
 
 
 class Adapter(Protocol):

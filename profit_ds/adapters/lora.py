@@ -74,8 +74,8 @@ class _Scope:
     def __init__(self, bank: State, row_client: torch.Tensor, scaling: float) -> None:
         self.bank, self.row_client, self.scaling = bank, row_client, scaling
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.row_client = self.row_client.index_select(0, rows.to(self.row_client.device))
+    def set_rows(self, row_client: torch.Tensor) -> None:
+        self.row_client = row_client.to(self.row_client.device)
 
 
 class _Slot:

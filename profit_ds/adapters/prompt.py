@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class _NoScope:
     """A prompt acts only through its prefix: nothing inside the backbone follows the rows."""
 
-    def select(self, rows: torch.Tensor) -> None:
+    def set_rows(self, row_client: torch.Tensor) -> None:
         pass
 
 

@@ -7,7 +7,8 @@ call knows its length in advance (its padded context and `max_new_tokens`), so t
 reserves that room once and writes each step's position into it; the keys and values the
 attention reads are views of the filled part, the same numbers in the same shapes as
 `DynamicCache`'s, so the same tokens. Dropping finished rows copies the live rows' room once
-(`select_rows`), instead of the whole cache at every step.
+(`select_rows`), instead of the whole cache at every step, and rows prefilled later join the
+batch with one copy too (`join`, continuous batching: `evaluation/generate.py`).
 """
 from __future__ import annotations
 
@@ -59,8 +60,34 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = (room[:, :, :filled] for room in self._room)
 
 
+    def join(self, other: "ReservedLayer", keep: int, capacity: int) -> None:
+        """Take `other`'s rows in below this layer's, in fresh room of `capacity` positions:
+        this layer's rows keep their last `keep` positions (all they still attend to), and
+        both sides end at the same position, the wider one's length, with zeros before the
+        narrower (a masked position must still be finite: attention multiplies it by 0)."""
+        mine, theirs = self.get_seq_length(), other.get_seq_length()
+        width = max(keep, theirs)
+        rooms = []
+        for old, new in ((self.keys, other.keys), (self.values, other.values)):
+            rows = old.shape[0]
+            room = old.new_empty(rows + new.shape[0], old.shape[1], max(capacity, width),
+                                 old.shape[3])
+            room[:rows, :, : width - keep] = 0
+            room[:rows, :, width - keep: width] = old[:, :, mine - keep:]
+            room[rows:, :, : width - theirs] = 0
+            room[rows:, :, width - theirs: width] = new
+            rooms.append(room)
+        self._room = (rooms[0], rooms[1])
+        self.keys, self.values = (room[:, :, :width] for room in self._room)
+
+
 class ReservedCache(Cache):
     """A cache of `ReservedLayer`s, one per decoder layer as the model first writes to it."""
 
     def __init__(self, capacity: int):
         super().__init__(layer_class_to_replicate=lambda: ReservedLayer(capacity))
+
+    def join(self, other: "ReservedCache", keep: int, capacity: int) -> None:
+        """`ReservedLayer.join` at every layer: `other`'s rows come after this cache's."""
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            mine.join(theirs, keep, capacity)
