@@ -145,6 +145,10 @@ class _Batch:
     nxt: torch.Tensor
     ghost: bool = False
 
+    def span(self) -> int:
+        """The positions some row still attends to: the longest row's, at the right end."""
+        return int(self.mask.sum(1).max())
+
     def keep(self, idx: torch.Tensor) -> None:
         """Keep batch rows `idx` (in place)."""
         select_cache_rows(self.cache, idx.to(self.mask.device))
@@ -155,7 +159,7 @@ class _Batch:
     def join(self, other: "_Batch", max_new_tokens: int) -> None:
         """Take `other`'s rows in after this batch's, both right-aligned in one batch as wide
         as the longer of any row's positions, with room for `max_new_tokens` more."""
-        keep = int(self.mask.sum(1).max())  # the leading positions no row attends to go
+        keep = self.span()  # the leading positions no row attends to go
         width = max(keep, other.mask.shape[1])
         self.cache.join(other.cache, keep, width + max_new_tokens)
         mask = self.mask.new_zeros(len(self.rows) + len(other.rows), width)
@@ -267,7 +271,7 @@ def _joining(batching: Batching, batch: _Batch | None, lengths: Sequence[int], p
         return 0
     if batch is None:
         return min(len(lengths) - pending, batching.room(0, lengths[pending], max_new_tokens))
-    width = max(int(batch.mask.sum(1).max()), lengths[pending])
+    width = max(batch.span(), lengths[pending])
     fit = min(len(lengths) - pending, batching.room(len(batch.rows), width, max_new_tokens))
     fresh = batching.room(0, lengths[pending], max_new_tokens)
     return fit if fit >= min(len(lengths) - pending, max(1, fresh // JOIN_SHARE)) else 0
@@ -281,6 +285,8 @@ def _agree(join: bool, left: bool, synced: bool) -> tuple[bool, bool]:
     flags = torch.tensor([float(join), float(left)])
     distributed.all_reduce_sum(flags)
     return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
 def evaluate(backbone: Backbone, bank: State, requests: Sequence[tuple[int, EvalSet]],
              max_new_tokens: int, batch_rows: int,
              advance: Callable[[int], None] | None = None, adapter: Adapter = PROMPT,
