@@ -7,11 +7,8 @@ own, without touching the environment a launcher would set.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import socket
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -67,17 +64,15 @@ def setup() -> None:
 
 
 def _init_one_rank(deepspeed, backend: str) -> None:
-    """A one-rank group over a private file store (no launcher, no TCP port), initialized
-    without writing RANK, WORLD_SIZE or MASTER_PORT into the environment: processes this one
-    starts (a test suite's, a notebook's) would inherit them, take themselves for launched
-    ranks, and every one would bind the same port. DeepSpeed takes over a torch group that
-    exists; ZeRO-3 reads LOCAL_RANK, which is 0 for any process started here too."""
+    """A one-rank group over an in-memory store (no launcher, no TCP port, no file: a file
+    store outlived every process killed with SIGKILL, one file in the temp directory each),
+    initialized without writing RANK, WORLD_SIZE or MASTER_PORT into the environment:
+    processes this one starts (a test suite's, a notebook's) would inherit them, take
+    themselves for launched ranks, and every one would bind the same port. DeepSpeed takes
+    over a torch group that exists; ZeRO-3 reads LOCAL_RANK, which is 0 for any process
+    started here too."""
     os.environ.setdefault("LOCAL_RANK", "0")
-    fd, store = tempfile.mkstemp(prefix="profit-ds-store-")
-    os.close(fd)
-    os.unlink(store)
-    atexit.register(lambda: Path(store).unlink(missing_ok=True))  # leave no file behind
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
