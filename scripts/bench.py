@@ -708,7 +708,12 @@ def run_variant(variant: str, w: Workload) -> dict:
 
 def worker_main(args: argparse.Namespace) -> None:
     """One rank of one variant: run it, write this rank's figures as JSON (rank 0: a training
-    variant's global states after the first round and the last next to them, `states.pt`)."""
+    variant's global states after the first round and the last next to them, `states.pt`).
+    Every variant's process bounds the native caches as the CLI's does, so that peak RSS is
+    what a run would hold (the PEFT loop's too: the same allocator for both)."""
+    from profit_ds.memory import bound_native_caches
+
+    bound_native_caches()
     w = Workload(**json.loads(args.worker_workload))
     result = run_variant(args.worker, w)
     states = result.pop("states", None)
